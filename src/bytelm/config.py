@@ -1,0 +1,166 @@
+"""Typed model configs with named presets.
+
+Two model types share one interface (see `bytelm.model.ByteLM`):
+  - `MegabyteConfig` -> `bytelm.Megabyte` (Yu et al. 2023, arXiv 2305.07185)
+  - `TransformerConfig` -> `bytelm.ByteTransformer` (plain decoder-only byte transformer, the baseline)
+
+A config is a frozen-free dataclass; `to_dict()`/`from_dict()` are what `config.json` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+VOCAB_SIZE = 256  # every byte value, 0 included; there are no special tokens
+POS_EMB_CHOICES = ("rope", "learned")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model (bad value, unknown preset or field)."""
+
+
+@dataclass
+class _BaseConfig:
+    model_type: ClassVar[str] = ""
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any):
+        """A named preset, optionally with some fields overridden: `MegabyteConfig.from_name("tiny", patch_size=8)`."""
+        if name not in cls.presets:
+            raise ConfigError(f"unknown {cls.model_type} preset {name!r}; choose one of: {', '.join(cls.presets)}")
+        return cls.from_dict({**cls.presets[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        mt = d.pop("model_type", cls.model_type)
+        if mt != cls.model_type:
+            raise ConfigError(f"config is for model_type {mt!r}, not {cls.model_type!r}")
+        d.pop("bytelm_version", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.model_type} config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def _check(self, cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{self.model_type} config: {msg}")
+
+    def _check_common(self) -> None:
+        self._check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        self._check(self.pos_emb in POS_EMB_CHOICES, f"pos_emb must be one of {POS_EMB_CHOICES}, got {self.pos_emb!r}")
+        self._check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        self._check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+
+def _check_stack(cfg: _BaseConfig, prefix: str, dim: int, layers: int, heads: int) -> None:
+    cfg._check(layers >= 1, f"{prefix}layers must be >= 1, got {layers}")
+    cfg._check(heads >= 1 and dim % heads == 0, f"{prefix}dim ({dim}) must be divisible by {prefix}heads ({heads})")
+    head_dim = dim // heads
+    cfg._check(head_dim % 2 == 0, f"{prefix}dim / {prefix}heads = {head_dim} must be even (rotary rotates pairs)")
+
+
+@dataclass
+class MegabyteConfig(_BaseConfig):
+    """MEGABYTE shape. Widths follow the paper's tables: `global_dim` is the global transformer's width, which is
+    P * D_G (P per-byte global embeddings of size D_G concatenated into one patch vector, section 2.2.1)."""
+
+    model_type: ClassVar[str] = "megabyte"
+
+    patch_size: int = 8  # P
+    max_seq_len: int = 8192  # bytes
+    global_dim: int = 512  # P * D_G
+    global_layers: int = 4
+    global_heads: int = 8
+    local_dim: int = 256  # D_L
+    local_layers: int = 2
+    local_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    pos_emb: str = "rope"  # "rope": rotary over patches (global) and bytes (local); "learned": the paper's tables
+    rope_base: float = 10000.0
+    bias: bool = False  # biases in Linear and LayerNorm (OPT/GPT-2 had them; modern recipes drop them)
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        self._check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        self._check(
+            self.global_dim % self.patch_size == 0,
+            f"global_dim ({self.global_dim}) must be a multiple of patch_size ({self.patch_size}): "
+            "it is P concatenated byte embeddings of size D_G",
+        )
+        _check_stack(self, "global_", self.global_dim, self.global_layers, self.global_heads)
+        _check_stack(self, "local_", self.local_dim, self.local_layers, self.local_heads)
+
+    @property
+    def byte_dim(self) -> int:
+        """D_G: size of one byte's global embedding."""
+        return self.global_dim // self.patch_size
+
+    @property
+    def max_patches(self) -> int:
+        return -(-self.max_seq_len // self.patch_size)
+
+
+@dataclass
+class TransformerConfig(_BaseConfig):
+    """A plain decoder-only transformer over bytes (GPT/OPT style), built from the same blocks as MEGABYTE."""
+
+    model_type: ClassVar[str] = "transformer"
+
+    max_seq_len: int = 2048
+    dim: int = 512
+    layers: int = 8
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    pos_emb: str = "rope"
+    rope_base: float = 10000.0
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_stack(self, "", self.dim, self.layers, self.heads)
+
+
+# Presets. `tiny` runs a test on CPU in seconds; `small` is the CPU quickstart; `paper-*` are the paper's shapes for
+# reference (Yu et al. 2023, Table 9/14: the generation-speed comparison and the PG-19 models). Paper presets use
+# learned positions as the paper did.
+MegabyteConfig.presets = {
+    "tiny": dict(patch_size=4, max_seq_len=2048, global_dim=64, global_layers=2, global_heads=2,
+                 local_dim=32, local_layers=2, local_heads=2),
+    "small": dict(patch_size=8, max_seq_len=2048, global_dim=512, global_layers=4, global_heads=8,
+                  local_dim=256, local_layers=2, local_heads=4),
+    "base": dict(patch_size=8, max_seq_len=8192, global_dim=1024, global_layers=12, global_heads=16,
+                 local_dim=512, local_layers=4, local_heads=8),
+    # Table 9 (generation speed): MEGABYTE 1.3B global + 218M local, P=8, 8K context.
+    "paper-1.3b": dict(patch_size=8, max_seq_len=8192, global_dim=2048, global_layers=24, global_heads=16,
+                       local_dim=1024, local_layers=16, local_heads=16, pos_emb="learned", bias=True),
+}
+TransformerConfig.presets = {
+    "tiny": dict(max_seq_len=2048, dim=64, layers=2, heads=2),
+    "small": dict(max_seq_len=2048, dim=256, layers=6, heads=4),
+    "base": dict(max_seq_len=8192, dim=768, layers=12, heads=12),
+    # Table 9's baseline: a 350M transformer (OPT-350M-like shape: 24 layers, d=1024), 8K context.
+    "paper-350m": dict(max_seq_len=8192, dim=1024, layers=24, heads=16, pos_emb="learned", bias=True),
+}
+
+CONFIG_CLASSES: dict[str, type[_BaseConfig]] = {c.model_type: c for c in (MegabyteConfig, TransformerConfig)}
+
+
+def config_from_dict(d: dict[str, Any]) -> MegabyteConfig | TransformerConfig:
+    """Rebuild the right config class from a `config.json` dict (dispatch on `model_type`)."""
+    mt = d.get("model_type")
+    if mt not in CONFIG_CLASSES:
+        raise ConfigError(f"config.json has model_type {mt!r}; bytelm knows {', '.join(map(repr, CONFIG_CLASSES))}")
+    return CONFIG_CLASSES[mt].from_dict(d)

@@ -1,0 +1,113 @@
+"""The interface every bytelm model implements, and what it gets for free from it.
+
+A model maps bytes (B, T) to logits (B, T, 256) where `logits[:, t]` predicts `x[:, t]` from `x[:, :t]`: every byte
+is predicted, the first one from nothing. For generation a model also implements three small functions over an
+explicit decoding state (its KV caches), in the style of gpt-fast:
+
+    state = model.new_state(batch, max_len)      # preallocated caches
+    logits = model.prefill(x, state)             # (B, 256): prediction of the byte after x
+    logits = model.decode_step(byte, state)      # (B, 256): feed one byte (B,), predict the next
+
+`bytelm.generate` builds sampling and streaming on top of these; the CLI, the server and the swarm client share it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VOCAB_SIZE
+
+
+class ByteLM(nn.Module):
+    config_class: type = None  # set by subclasses
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+    # --- to implement -------------------------------------------------------------------------------------------
+    def new_state(self, batch: int, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor, state: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_step(self, byte: torch.Tensor, state: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------------------------------
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_input(self, x: torch.Tensor, min_len: int = 1) -> None:
+        """Clear errors for what would otherwise fail deep inside torch (or silently, on CUDA)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a LongTensor of byte values (B, T), got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"expected a 2-D tensor of byte values (B, T), got shape {tuple(x.shape)}")
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"expected an integer tensor of byte values 0..255, got dtype {x.dtype}")
+        T, max_len = x.shape[1], self.config.max_seq_len
+        if not min_len <= T <= max_len:
+            raise ValueError(f"sequence length {T} is outside 1..max_seq_len={max_len} of this model")
+        # A range check on CUDA costs a host sync; there an out-of-range byte trips a device assert instead.
+        if x.device.type == "cpu" and x.numel() and (int(x.min()) < 0 or int(x.max()) >= VOCAB_SIZE):
+            raise ValueError(f"byte values must be in 0..255, got min {int(x.min())}, max {int(x.max())}")
+
+    def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy in nats over every byte of x, byte 0 included. bits per byte = loss / ln 2."""
+        logits = self(x)  # (B, T, 256)
+        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE).float(), x.reshape(-1).long(), reduction=reduction)
+
+    @staticmethod
+    def bits_per_byte(loss_nats: float) -> float:
+        return loss_nats / math.log(2)
+
+    # generation: thin wrappers over bytelm.generate (imported lazily: generate imports this module)
+    def generate(self, prompt: bytes | torch.Tensor, max_new_bytes: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 use_cache: bool = True):
+        """`bytes` prompt -> the new bytes; LongTensor (B, L) -> (B, L + max_new_bytes). temperature=0 is greedy."""
+        from .generate import generate
+
+        return generate(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, use_cache=use_cache)
+
+    def stream(self, prompt: bytes, max_new_bytes: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Iterator[bytes]:
+        """Yield each new byte (as a 1-byte `bytes`) as soon as it is sampled."""
+        from .generate import stream
+
+        return stream(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    # persistence
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` to the folder `path` (created if needed); atomic per file."""
+        from .checkpoint import save_model
+
+        return save_model(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None):
+        from .checkpoint import load_model
+
+        return load_model(path, device=device, expect=cls)

@@ -1,0 +1,68 @@
+"""The baseline: a plain decoder-only transformer over bytes (GPT/OPT style), from the same blocks as MEGABYTE.
+
+Input position t holds the byte before it (a learned `bos` vector at t = 0), so logits[:, t] predicts x[:, t] from
+x[:, :t] and byte 0 is predicted too, exactly like `Megabyte`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import VOCAB_SIZE, TransformerConfig
+from .layers import KVCache, TransformerStack, init_weights
+from .model import ByteLM
+
+
+@dataclass
+class TransformerState:
+    kv: list[KVCache]
+    pos: int = 0  # next input position
+
+
+class ByteTransformer(ByteLM):
+    config_class = TransformerConfig
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config)
+        c = config
+        rope = c.pos_emb == "rope"
+        self.embed = nn.Embedding(VOCAB_SIZE, c.dim)
+        self.pos = None if rope else nn.Embedding(c.max_seq_len, c.dim)
+        self.bos = nn.Parameter(torch.zeros(c.dim))
+        self.drop = nn.Dropout(c.dropout)
+        self.transformer = TransformerStack(c.dim, c.layers, c.heads, c.mlp_ratio, c.bias, c.dropout,
+                                            c.max_seq_len, rope, c.rope_base)
+        self.lm_head = nn.Linear(c.dim, VOCAB_SIZE, bias=False)
+        init_weights(self, c.layers)
+
+    def _inputs(self, x: torch.Tensor, start: int, bos: bool) -> torch.Tensor:
+        """Bytes (B, n) -> input vectors at positions start.. (B, n + bos, D), bos prepended at position 0."""
+        h = self.embed(x)
+        if bos:
+            h = torch.cat((self.bos.expand(x.shape[0], 1, -1).to(h.dtype), h), dim=1)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(start, start + h.shape[1], device=x.device))
+        return self.drop(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.check_input(x)
+        h = self._inputs(x[:, :-1].long(), 0, bos=True)  # (B, T, D)
+        return self.lm_head(self.transformer(h))  # (B, T, 256)
+
+    def new_state(self, batch: int, max_len: int) -> TransformerState:
+        return TransformerState(self.transformer.new_caches(batch, max_len, self.device, self.dtype))
+
+    def prefill(self, x: torch.Tensor, s: TransformerState) -> torch.Tensor:
+        h = self._inputs(x, 0, bos=True)  # (B, L + 1, D)
+        s.pos = h.shape[1]
+        return self.lm_head(self.transformer(h, s.kv, 0)[:, -1])
+
+    def decode_step(self, byte: torch.Tensor, s: TransformerState) -> torch.Tensor:
+        h = self._inputs(byte.view(-1, 1), s.pos, bos=False)  # (B, 1, D)
+        out = self.transformer(h, s.kv, s.pos)
+        s.pos += 1
+        return self.lm_head(out[:, -1])
