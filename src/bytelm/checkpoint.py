@@ -61,8 +61,30 @@ def save_model(model: ByteLM, path: str | Path) -> Path:
     return path
 
 
-def read_config(path: str | Path):
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a training run folder (see bytelm.train), or None if it has none."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    ckpt = root / pointer.read_text().strip()
+    if not (ckpt / "trainer_state.json").is_file():
+        raise CheckpointError(f"{pointer} names {ckpt.name}, which is missing or incomplete")
+    return ckpt
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder as given, or a training run folder's latest checkpoint."""
     path = Path(path)
+    if not (path / CONFIG_NAME).exists():
+        ckpt = latest_checkpoint(path) if path.is_dir() else None
+        if ckpt is not None:
+            return ckpt
+    return path
+
+
+def read_config(path: str | Path):
+    path = resolve_model_dir(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
     if not path.is_dir():
@@ -103,7 +125,7 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 def load_model(path: str | Path, device: str | torch.device | None = None, expect: type | None = None) -> ByteLM:
     """Load a model folder; `expect` (a ByteLM subclass) refuses a folder holding another model type."""
-    path = Path(path)
+    path = resolve_model_dir(path)
     config = read_config(path)
     cls = MODEL_CLASSES[config.model_type]
     if expect is not None and expect is not ByteLM and not issubclass(cls, expect):

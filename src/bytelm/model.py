@@ -25,6 +25,11 @@ from torch import nn
 from .config import VOCAB_SIZE
 
 
+def byte_loss(logits: torch.Tensor, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in nats of logits (B, T, 256) against the bytes x (B, T) they predict: every byte counts."""
+    return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE).float(), x.reshape(-1).long(), reduction=reduction)
+
+
 class ByteLM(nn.Module):
     config_class: type = None  # set by subclasses
 
@@ -75,8 +80,7 @@ class ByteLM(nn.Module):
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy in nats over every byte of x, byte 0 included. bits per byte = loss / ln 2."""
-        logits = self(x)  # (B, T, 256)
-        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE).float(), x.reshape(-1).long(), reduction=reduction)
+        return byte_loss(self(x), x, reduction)
 
     @staticmethod
     def bits_per_byte(loss_nats: float) -> float:
