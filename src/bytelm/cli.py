@@ -105,7 +105,9 @@ def train_config_from_args(args: argparse.Namespace):
         given["model"] = dict(given["model"])
     base: dict[str, Any] = {}
     if args.resume:
-        run_json = Path(given.get("out_dir", TrainConfig.out_dir)) / "run.json"
+        named = {k: v for k, v in given.items() if k in ("model_type", "preset", "out_dir")}
+        out_dir = TrainConfig(**named).out_dir  # the default out_dir depends on model type and preset
+        run_json = Path(out_dir) / "run.json"
         if not run_json.is_file():
             raise CLIError(f"--resume: {run_json} not found; is --out-dir the folder of an earlier run?")
         base = json.loads(run_json.read_text())["train"]
@@ -164,21 +166,17 @@ def _run_data_settings(model_path: Path) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_split
+    from .data import ByteDataset, load_split
     from .evaluate import evaluate
-    from .train import resolve_device
 
     model = _load(args.model, args.device)
     run = _run_data_settings(Path(args.model))
     data = args.data or run.get("data") or None
     train, val, info = load_split(data, run.get("val_fraction", 0.05), run.get("separator"))
     if args.split == "all":
-        from .data import ByteDataset
-
         dataset = ByteDataset(train.parts + val.parts, separator=train.separator, name="all")
     else:
         dataset = val if args.split == "val" else train
-    del resolve_device
     res = evaluate(model, dataset, seq_len=args.seq_len, mode=args.mode, stride=args.stride,
                    batch_size=args.batch_size, max_bytes=args.max_bytes, progress=sys.stderr.isatty())
     if args.json:

@@ -44,6 +44,7 @@ from .layers import Block
 from .model import ByteLM, byte_loss
 
 LN2 = math.log(2)
+log_line = functools.partial(print, flush=True)  # flushed: progress shows up promptly in a piped log too
 
 
 @dataclass
@@ -56,13 +57,13 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)  # files/folders; empty: the Python standard library's source
     val_fraction: float = 0.05
     separator: int | None = None  # byte joining documents; None: plain concatenation
-    out_dir: str = "runs/default"
+    out_dir: str = ""  # run folder; empty: runs/<model_type>-<preset>
     seq_len: int = 0  # 0: the model's max_seq_len
     batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * processes
     grad_accum: int = 1
-    max_steps: int = 1000  # also the length of the cosine schedule
+    max_steps: int = 600  # also the length of the cosine schedule
     time_budget: float = 0.0  # seconds of training before stopping early; 0: none
-    lr: float = 1e-3
+    lr: float = 2e-3  # peak learning rate (small models take a high one)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -96,6 +97,8 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"train config: {msg}")
+        if not self.out_dir:
+            self.out_dir = f"runs/{self.model_type}-{self.preset}"
 
     def model_config(self):
         return CONFIG_CLASSES[self.model_type].from_name(self.preset, **self.model)
@@ -173,7 +176,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 # --- the trainer ---------------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=log_line) -> None:
         self.cfg, self.log_fn = cfg, log
         self.out = Path(cfg.out_dir)
         self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -436,7 +439,7 @@ def sample_text(model: ByteLM, prompt: str, n: int, seed: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=print) -> dict[str, Any]:
+def train(cfg: TrainConfig, resume: bool = False, log=log_line) -> dict[str, Any]:
     """Run (or resume) a training run end to end; print a sample when it is done."""
     trainer = Trainer(cfg, resume=resume, log=log)
     try:

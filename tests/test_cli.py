@@ -1,0 +1,111 @@
+"""The `bytelm` command end to end: train -> eval -> generate, and a clear one-line error for each bad input."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import bytelm
+from bytelm.cli import main, parse_duration
+
+TINY = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "8", "--warmup-steps", "10", "--log-interval", "50",
+        "--eval-batches", "2", "--sample-bytes", "32", "--val-fraction", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny MEGABYTE trained for 150 steps on one real source file (~60 KB of Python)."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    data.mkdir()
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py", data / "argparse.py")
+    out = root / "run"
+    assert main(["train", *TINY, "--data", str(data), "--max-steps", "150", "--lr", "3e-3", "--eval-interval", "150",
+                 "--save-interval", "150", "--out-dir", str(out)]) == 0
+    return data, out
+
+
+def test_train_writes_a_self_describing_run(trained):
+    data, out = trained
+    assert (out / "loss.png").exists() and (out / "checkpoints" / "latest").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert "split by tail" in run["data"] and run["train"]["max_steps"] == 150
+    assert bytelm.load(out).config.to_dict() == run["model"]
+
+
+def test_eval_on_its_own_training_data_beats_8_bits_by_far(trained, capsys):
+    data, out = trained
+    assert main(["eval", str(out), "--split", "train", "--json", "--seq-len", "128"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["bpb"] < 4.0, res  # a uniform guess is 8 bits per byte
+    assert res["bytes"] > 40_000
+
+
+def test_eval_modes_score_the_same_bytes(trained, capsys):
+    data, out = trained
+    results = {}
+    for mode in ("chunked", "sliding", "strided"):
+        assert main(["eval", str(out), "--mode", mode, "--json", "--seq-len", "128", "--max-bytes", "2000"]) == 0
+        results[mode] = json.loads(capsys.readouterr().out)
+    assert {r["bytes"] for r in results.values()} == {2000}
+    assert results["sliding"]["bpb"] <= results["chunked"]["bpb"] + 0.05  # more context per byte never hurts much
+
+
+def test_generate_streams_and_writes_raw_bytes(trained, capsys, tmp_path):
+    data, out = trained
+    assert main(["generate", str(out), "--prompt", "def é", "--max-bytes", "40", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def é")  # the prompt is echoed, its 2-byte character intact
+    assert main(["generate", str(out), "--prompt", "def é", "--max-bytes", "40", "--seed", "3",
+                 "--out", str(tmp_path / "g.bin")]) == 0
+    raw = (tmp_path / "g.bin").read_bytes()
+    model = bytelm.load(out)
+    assert raw == model.generate("def é".encode(), 40, temperature=0.8, seed=3)
+    assert text == "def é" + ("def é".encode() + raw)[len("def é".encode()) :].decode("utf-8", "replace") + "\n"
+
+
+def test_resume_continues_a_run(trained, capsys):
+    data, out = trained
+    assert main(["train", "--resume", "--out-dir", str(out), "--max-steps", "160", "--sample-bytes", "0"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000160"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/no/such/path"], "does not exist"),
+        (["train", "--data", "{empty}"], "empty"),
+        (["train", "--data", "{short}", "--seq-len", "128"], "fewer than one window"),
+        (["train", "--model", "patch_size=3"], "multiple of patch_size"),
+        (["train", "--model", "depth=3"], "unknown megabyte config field"),
+        (["train", "--preset", "giant"], "unknown megabyte preset 'giant'"),
+        (["train", "--seq-len", "4096"], "exceeds the model's max_seq_len"),
+        (["train", "--resume", "--out-dir", "{tmp}/nothing"], "not found"),
+        (["train", "--config", "{tmp}/nope.json"], "not found"),
+        (["generate", "{tmp}/nothing"], "does not exist"),
+        (["generate", "{model}", "--max-bytes", "999999"], "exceeds this model's max_seq_len"),
+        (["generate", "{model}", "--temperature", "-1"], "temperature"),
+        (["eval", "{tmp}"], "has no config.json"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(argv, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "short.txt").write_bytes(b"x" * 100)
+    model_dir = tmp_path / "model"
+    bytelm.Megabyte(bytelm.MegabyteConfig.from_name("tiny")).save_pretrained(model_dir)
+    subs = {"{empty}": str(tmp_path / "empty.txt"), "{short}": str(tmp_path / "short.txt"), "{tmp}": str(tmp_path),
+            "{model}": str(model_dir)}
+    for k, v in subs.items():
+        argv = [a.replace(k, v) for a in argv]
+    argv = [*argv, "--out-dir", str(tmp_path / "run")] if argv[0] == "train" and "--out-dir" not in argv else argv
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_duration_parsing():
+    assert parse_duration("90") == 90 and parse_duration("5m") == 300 and parse_duration("1.5h") == 5400

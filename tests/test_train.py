@@ -1,0 +1,148 @@
+"""Training: loss goes down on real data, exact resume, atomic checkpoints, data parallel equals one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import bytelm
+from bytelm import CheckpointError
+from bytelm.train import TrainConfig, Trainer, lr_at
+
+
+@pytest.fixture(scope="session")
+def code_dir(tmp_path_factory) -> Path:
+    """Real data: the standard library's json and email packages' source (~300 KB of Python)."""
+    root = tmp_path_factory.mktemp("code")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for pkg in ("json", "email"):
+        shutil.copytree(stdlib / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root
+
+
+def tiny_cfg(tmp_path, code_dir, **kw) -> TrainConfig:
+    base = dict(preset="tiny", data=[str(code_dir)], out_dir=str(tmp_path / "run"), seq_len=128, batch_size=4,
+                max_steps=8, warmup_steps=2, log_interval=2, eval_interval=4, eval_batches=2, save_interval=4,
+                sample_bytes=0, val_fraction=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_loss_goes_down_on_real_code(tmp_path, code_dir):
+    cfg = tiny_cfg(tmp_path, code_dir, max_steps=80, warmup_steps=10, lr=3e-3, eval_interval=80, save_interval=80)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    before = trainer.estimate_val()
+    result = trainer.run()
+    assert before > 5.0  # ~ln(256) = 5.5 nats at init
+    assert result["val_loss"] < before - 1.0
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,split,loss,bpb,lr,bytes_per_s,elapsed_s" and len(rows) == 1 + 40 + 1
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train"]["max_steps"] == 80 and run["model"]["model_type"] == "megabyte"
+    assert "split by file" in run["data"]
+
+
+@pytest.mark.parametrize("model_type", ["megabyte", "transformer"])
+def test_resume_equals_uninterrupted(tmp_path, code_dir, model_type):
+    a = Trainer(tiny_cfg(tmp_path / "a", code_dir, model_type=model_type), log=lambda *_: None)
+    a.run()
+    b = Trainer(tiny_cfg(tmp_path / "b", code_dir, model_type=model_type), log=lambda *_: None)
+    b.run(until_step=4)  # "killed" after the step-4 checkpoint
+    del b
+    c = Trainer(tiny_cfg(tmp_path / "b", code_dir, model_type=model_type), resume=True, log=lambda *_: None)
+    assert c.step == 4
+    c.run()
+    wa, wc = weights(a.model), weights(c.model)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa), "resumed run diverged from the uninterrupted one"
+    assert not all(torch.equal(wa[k], weights(bytelm.load(tmp_path / "b" / "run" / "checkpoints" / "step-0000004"))[k])
+                   for k in wa)
+    # metrics of the resumed run are not duplicated
+    steps = [line.split(",")[0:2] for line in (tmp_path / "b" / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(steps) == len({tuple(s) for s in steps})
+
+
+def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, code_dir, monkeypatch):
+    cfg = tiny_cfg(tmp_path, code_dir)
+    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer.run(until_step=4)
+    good = weights(trainer.model)
+
+    import bytelm.train as train_mod
+
+    def killed(*args, **kwargs):  # the process dies after the model is written, before the optimizer state
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(train_mod, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(until_step=8)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    loaded = bytelm.load(run)  # a run folder loads its latest complete checkpoint
+    assert all(torch.equal(loaded.state_dict()[k], good[k]) for k in good)
+    resumed = Trainer(cfg, resume=True, log=lambda *_: None)
+    assert resumed.step == 4
+    resumed.run()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000008"
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # the half-written folder was replaced
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, code_dir):
+    cfg = tiny_cfg(tmp_path, code_dir, max_steps=4)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        Trainer(cfg, resume=True)
+    Trainer(cfg, log=lambda *_: None).run()
+    with pytest.raises(CheckpointError, match="already holds a run; pass --resume"):
+        Trainer(cfg)
+
+
+def test_grad_accumulation_equals_a_bigger_batch(tmp_path, code_dir):
+    """2 micro-batches of 2 windows give the same update as one batch of 4 (the sampler draws the same windows)."""
+    one = Trainer(tiny_cfg(tmp_path / "one", code_dir, batch_size=4, max_steps=3), log=lambda *_: None)
+    two = Trainer(tiny_cfg(tmp_path / "two", code_dir, batch_size=2, grad_accum=2, max_steps=3), log=lambda *_: None)
+    one.run()
+    two.run()
+    w1, w2 = weights(one.model), weights(two.model)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo over localhost")
+def test_ddp_two_processes_match_one(tmp_path, code_dir):
+    """torchrun with 2 CPU processes x 2 windows equals 1 process x 4 windows: same weights after 4 steps."""
+    common = ["--preset", "tiny", "--data", str(code_dir), "--seq-len", "64", "--max-steps", "4",
+              "--warmup-steps", "1", "--save-interval", "4", "--eval-interval", "4", "--eval-batches", "1",
+              "--sample-bytes", "0", "--val-fraction", "0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "bytelm.cli", "train", *common, "--batch-size", "4",
+                             "--out-dir", str(tmp_path / "single")], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29517", "-m", "bytelm.cli", "train", *common, "--batch-size", "2",
+                          "--out-dir", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "global batch 2x1x2 windows" in ddp.stdout
+    a, b = bytelm.load(tmp_path / "single"), bytelm.load(tmp_path / "ddp")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
+    torch.manual_seed(1337)  # the trainer's seed: the same initial weights
+    start = bytelm.build(a.config)
+    assert max((sa[k] - start.state_dict()[k]).abs().max().item() for k in sa) > 1e-3  # it did train
