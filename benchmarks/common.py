@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -39,7 +40,49 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def write(name: str, payload: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+def write(name: str, payload: dict, markdown: str, out_dir: Path = RESULTS) -> None:
+    """`name`.json (machine facts + payload, every raw timing) and `name`.md (the table) in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown)
+
+
+def pyplot():
+    """matplotlib's pyplot on a file backend, or None when it is not installed (plots are then skipped)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Slope of log y against log x (least squares): cost ~ length ** slope."""
+    if len(xs) < 2:
+        return None
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def main_for(name: str, doc: str, run, argv=None) -> dict:
+    """The command line of one benchmark module: `python -m benchmarks.NAME --suite quick|full|smoke`."""
+    import argparse
+
+    from . import suites
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="quick", choices=["quick", "full", "smoke"])
+    args = ap.parse_args(argv)
+    suite = suites.get(args.suite)
+    payload = run(suite, RESULTS / suite.name)
+    print((RESULTS / suite.name / f"{name}.md").read_text())
+    return payload

@@ -39,17 +39,19 @@ class KVCache:
 
 
 def rope_tables(max_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of rotary angles (Su et al. 2021), each (max_pos, head_dim // 2), computed in float32."""
+    """Rotary tables (Su et al. 2021) over the full head width, each (max_pos, head_dim), float32:
+    cos = [cos, cos] and sin = [-sin, sin] of the angles, so that `apply_rope` is two multiplies and an add."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)  # (max_pos, head_dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., i], x[..., i + Dh/2]) of x (B, H, T, Dh) by the angles in cos/sin (T, Dh/2)."""
+    """Rotate pairs (x[..., i], x[..., i + Dh/2]) of x (..., T, Dh) by the angles in cos/sin (T, Dh):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). Few ops on purpose: in decoding this runs per layer per byte."""
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -61,9 +63,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(qkv[:2], *rope).unbind(0)  # q and k rotated together: half the ops
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, H, S, Dh), S = pos + T
         S = k.shape[2]

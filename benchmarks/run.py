@@ -1,0 +1,111 @@
+"""Every benchmark in one command; results in benchmarks/results/<suite>/ (JSON with the machine and every raw
+timing, a markdown table and PNG plots each), and the headline table in summary.md, which the README quotes.
+
+    pip install -e ".[bench]"                 # megabyte-pytorch for the side-by-side runs (torch first)
+    python -m benchmarks.run --suite quick    # < 10 minutes on a 2-core CPU
+    python -m benchmarks.run --suite full     # the README's table (about an hour on a 2-core CPU)
+    python -m benchmarks.run --suite smoke --out /tmp/x    # every benchmark on tiny shapes, seconds
+
+Run it on a quiet machine: the ratios come from runs made back to back in one process, but a busy machine still
+widens their spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import generation, long_context, quality, suites, training
+from .common import RESULTS, machine
+
+BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context, "quality": quality}
+
+
+def summary(results: dict, suite: suites.Suite, out: Path) -> str:
+    """The headline table: one row per claim, ours against the comparison, as a ratio."""
+    m = machine()
+    rows = ["| measurement | bytelm MEGABYTE | compared with | ratio |", "|---|---|---|---|"]
+    g = results.get("generation")
+    if g:
+        mb, tf = g["bytes_per_s"]["megabyte"], g["bytes_per_s"]["transformer"]
+        if "peer" in g:
+            rows.append(f"| generation, {g['bytes']:,} bytes, greedy, batch 1 (bytes/s) | {mb:,.0f} | megabyte-pytorch "
+                        f"(same shape, no cache): {g['peer']['bytes_per_s_estimated']:,.1f} | "
+                        f"**{g['megabyte_vs_peer']:.0f}x** |")
+        rows.append(f"| generation vs. a {g['megabyte']['params'] / g['transformer']['params']:.1f}x smaller "
+                    f"transformer (bytes/s; {g['megabyte']['params'] / 1e6:.1f}M vs. "
+                    f"{g['transformer']['params'] / 1e6:.1f}M params) | {mb:,.0f} | ByteTransformer: {tf:,.0f} | "
+                    f"**{g['megabyte_vs_transformer']:.2f}x** |")
+    t = results.get("training")
+    if t:
+        b = t["bytes_per_s"]
+        if "megabyte-pytorch" in b:
+            rows.append(f"| training throughput, same shape (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | "
+                        f"megabyte-pytorch: {b['megabyte-pytorch']:,.0f} | **{t['megabyte_vs_peer']:.2f}x** |")
+        rows.append(f"| training throughput, equal params (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | ByteTransformer: "
+                    f"{b['bytelm ByteTransformer']:,.0f} | **{t['megabyte_vs_transformer']:.2f}x** |")
+    lc = results.get("long_context")
+    if lc:
+        mods = lc["models"]
+        a, b = mods["bytelm MEGABYTE"], mods["bytelm ByteTransformer"]
+
+        def longest(mm):
+            ok = [int(L) for L, r in mm["runs"].items() if r["status"] == "ok"]
+            return max(ok) if ok else 0
+
+        def cost(mm):
+            e = mm["time_exponent_last_two"]
+            return f"~T^{e:.2f}, up to {longest(mm):,} bytes" if e is not None else f"up to {longest(mm):,} bytes"
+
+        rows.append(f"| one forward over long inputs: time growth (equal params) | {cost(a)} | ByteTransformer: "
+                    f"{cost(b)} | see long_context.md |")
+    q = results.get("quality")
+    if q:
+        r = q["results"]
+        others = "; ".join(f"{n}: {v['val_bpb']:.3f}" for n, v in r.items() if n != "bytelm MEGABYTE")
+        rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib) | "
+                    f"{r['bytelm MEGABYTE']['val_bpb']:.3f} | {others} | lower is better |")
+    head = (f"Suite `{suite.name}`, {time.strftime('%Y-%m-%d')}: torch {m['torch']}, {m['threads']} threads, "
+            f"{m['cpu_count']} CPUs, {m['cuda'] or 'no GPU'}. Details and raw timings: "
+            f"{_shown(out)}/*.md, *.json, *.png.")
+    return "\n".join([head, "", *rows]) + "\n"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(Path(__file__).resolve().parents[1]).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="quick", choices=["quick", "full", "smoke"])
+    ap.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run just these benchmarks")
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<suite>)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the CPUs this process may use)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    suite = suites.get(args.suite)
+    out = args.out or RESULTS / suite.name
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.only or BENCHMARKS:
+        t0 = time.perf_counter()
+        print(f"== {name} ({suite.name})", flush=True)
+        results[name] = BENCHMARKS[name].run(suite, out)
+        print((out / f"{name}.md").read_text(), f"({time.perf_counter() - t0:.0f} s)\n", flush=True)
+    if not args.only:  # the headline table needs every benchmark of the same run
+        (out / "summary.md").write_text(summary(results, suite, out))
+        (out / "summary.json").write_text(json.dumps({"machine": machine(), "suite": suite.name}, indent=2) + "\n")
+        print((out / "summary.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""What each suite measures: model shapes, lengths and budgets.
+
+`full` is what the README's table quotes; `quick` checks the same things in under 10 minutes on a 2-core CPU;
+`smoke` runs every benchmark on `tiny` shapes for about a second each, so the tests keep them from rotting.
+
+The shapes (chosen for a 2-core CPU, not a GPU):
+- `megabyte`: P=8, global 256 wide x 8 layers, local 64 x 2 (6.4M). megabyte-pytorch at this shape has 4.4% more
+  parameters (its patch embedder and global-to-local projection are full P*D_L x G matrices).
+- `transformer_eq`: the byte transformer with the same parameter count (256 x 8, 6.4M): training and quality.
+- `transformer_gen`: a byte transformer with ~1/3.4 of MEGABYTE's parameters (192 x 4, 1.9M), as in the paper's
+  Table 9 (a 1.3B+218M MEGABYTE against a 350M transformer: 4.3x).
+- `long_megabyte` / `long_transformer`: a small MEGABYTE with a larger patch (P=16) and the transformer of equal
+  parameters, for one forward pass over up to 1,048,576 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bytelm import MegabyteConfig, TransformerConfig
+
+MB = dict(patch_size=8, global_dim=256, global_layers=8, global_heads=4, local_dim=64, local_layers=2, local_heads=2)
+LONG_MB = dict(patch_size=16, global_dim=256, global_layers=4, global_heads=4, local_dim=64, local_layers=2,
+               local_heads=2)
+
+
+@dataclass
+class Suite:
+    name: str
+    megabyte: MegabyteConfig
+    transformer_eq: TransformerConfig
+    transformer_gen: TransformerConfig
+    long_megabyte: MegabyteConfig
+    long_transformer: TransformerConfig
+    # generation
+    gen_bytes: int = 8192
+    gen_repeats: int = 3
+    peer_gen_bytes: int = 1024  # bytes megabyte-pytorch really generates (a full forward per byte: quadratic)
+    peer_points: int = 17  # prefix lengths at which its per-byte step is timed, integrated over gen_bytes
+    # training throughput
+    train_seq_len: int = 2048
+    train_batch: int = 4
+    train_steps: int = 5
+    train_repeats: int = 3
+    # long sequences
+    long_lengths: list[int] = field(default_factory=lambda: [8192, 65536, 262144, 1048576])
+    long_time_limit: float = 600.0  # seconds for one forward; longer ones are predicted from the fit and skipped
+    # quality at equal wall-clock
+    quality_seconds: float = 300.0
+    quality_seq_len: int = 1024
+    quality_batch: int = 8
+    quality_lr: float = 2e-3
+    quality_eval_windows: int = 128
+
+
+def _pair(seq: int, **mb) -> tuple[MegabyteConfig, TransformerConfig, TransformerConfig]:
+    return (MegabyteConfig(max_seq_len=seq, **(mb or MB)),
+            TransformerConfig(max_seq_len=seq, dim=256, layers=8, heads=4),
+            TransformerConfig(max_seq_len=seq, dim=192, layers=4, heads=4))
+
+
+def get(name: str) -> Suite:
+    if name == "full":
+        mb, teq, tgen = _pair(8192)
+        return Suite("full", mb, teq, tgen, MegabyteConfig(max_seq_len=1 << 20, **LONG_MB),
+                     TransformerConfig(max_seq_len=1 << 20, dim=256, layers=4, heads=4))
+    if name == "quick":
+        mb, teq, tgen = _pair(8192)
+        return Suite("quick", mb, teq, tgen, MegabyteConfig(max_seq_len=1 << 16, **LONG_MB),
+                     TransformerConfig(max_seq_len=1 << 16, dim=256, layers=4, heads=4),
+                     gen_bytes=2048, gen_repeats=2, peer_gen_bytes=256, peer_points=9, train_steps=3,
+                     train_repeats=2, long_lengths=[8192, 32768], long_time_limit=60.0, quality_seconds=60.0,
+                     quality_eval_windows=32)
+    if name == "smoke":
+        tiny_mb = MegabyteConfig.from_name("tiny", max_seq_len=256)
+        tiny_t = TransformerConfig.from_name("tiny", max_seq_len=256)
+        return Suite("smoke", tiny_mb, tiny_t, TransformerConfig(max_seq_len=256, dim=32, layers=1, heads=2),
+                     MegabyteConfig.from_name("tiny", max_seq_len=1024), TransformerConfig.from_name(
+                         "tiny", max_seq_len=1024),
+                     gen_bytes=64, gen_repeats=1, peer_gen_bytes=16, peer_points=3, train_seq_len=64, train_batch=2,
+                     train_steps=2, train_repeats=1, long_lengths=[256, 1024], long_time_limit=20.0,
+                     quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4)
+    raise SystemExit(f"unknown suite {name!r}: choose quick, full or smoke")

@@ -1,0 +1,99 @@
+"""The benchmarks never rot: each runs on tiny shapes (the `smoke` suite), and the peer adapter reads
+megabyte-pytorch's logits the way its own loss does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import common, peer, suites
+from benchmarks import run as bench_run
+from bytelm.model import byte_loss
+
+needs_peer = pytest.mark.skipif(not peer.available(), reason="megabyte-pytorch not installed (pip install '.[bench]')")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results = bench_run.main(["--suite", "smoke", "--out", str(out), "--threads", "1"])
+    return out, results
+
+
+def test_every_benchmark_writes_json_markdown_and_summary(smoke):
+    out, results = smoke
+    assert set(results) == set(bench_run.BENCHMARKS)
+    for name in bench_run.BENCHMARKS:
+        payload = json.loads((out / f"{name}.json").read_text())
+        assert payload["machine"]["torch"] == torch.__version__
+        assert (out / f"{name}.md").read_text().startswith("# ")
+    summary = (out / "summary.md").read_text()
+    assert summary.count("\n| ") >= 5  # header + at least four measurements
+
+
+def test_generation_timings_are_per_byte_and_positive(smoke):
+    _, results = smoke
+    g = results["generation"]
+    for key in ("megabyte", "transformer"):
+        assert len(g["per_byte_median_s"][key]) == g["bytes"]
+        assert all(t > 0 for t in g["per_byte_median_s"][key])
+    assert g["megabyte_vs_transformer"] > 0
+
+
+def test_long_context_records_every_length(smoke):
+    _, results = smoke
+    for m in results["long_context"]["models"].values():
+        assert set(m["runs"]) == {str(L) for L in suites.get("smoke").long_lengths}
+        assert all(r["status"] == "ok" and r["seconds"] > 0 for r in m["runs"].values())
+
+
+def test_quality_trains_every_model(smoke):
+    _, results = smoke
+    for r in results["quality"]["results"].values():
+        assert r["steps"] > 0 and 0 < r["val_bpb"] < 10
+
+
+def test_fit_exponent_recovers_a_power_law():
+    xs = [1e3, 1e4, 1e5]
+    assert common.fit_exponent(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert common.fit_exponent([1.0], [1.0]) is None
+
+
+@needs_peer
+def test_peer_matches_our_shape_within_five_percent():
+    cfg = suites.get("full").megabyte
+    from bytelm import Megabyte
+
+    with torch.device("meta"):
+        ours, theirs = Megabyte(cfg), peer.build_peer(cfg, cfg.max_seq_len)
+    ratio = sum(p.numel() for p in theirs.parameters()) / ours.num_params()
+    assert 0.95 <= ratio <= 1.05
+
+
+@needs_peer
+def test_peer_logits_are_its_own_loss_and_causal():
+    torch.manual_seed(0)
+    cfg = suites.get("smoke").megabyte
+    m = peer.build_peer(cfg, 64).eval()
+    x = torch.randint(1, 256, (2, 64))  # no byte 0: the package's own loss skips those (pad_id=0)
+    with torch.no_grad():
+        logits = peer.peer_logits(m, x)
+        assert byte_loss(logits, x).item() == pytest.approx(m(x, return_loss=True).item(), rel=1e-5)
+        k = 21
+        y = x.clone()
+        y[:, k] = (y[:, k] + 1) % 256
+        changed = peer.peer_logits(m, y)
+    torch.testing.assert_close(changed[:, : k + 1], logits[:, : k + 1])
+    assert not torch.allclose(changed[:, k + 1 :], logits[:, k + 1 :])
+
+
+@needs_peer
+def test_peer_generate_is_greedy_over_its_forward():
+    torch.manual_seed(0)
+    m = peer.build_peer(suites.get("smoke").megabyte, 32).eval()
+    seq = peer.peer_generate(m, torch.zeros(1, 0, dtype=torch.long), 6)
+    with torch.no_grad():
+        for t in range(1, 6):  # each byte is the argmax of the prediction after the bytes before it
+            assert seq[0, t] == peer.peer_logits(m, seq[:, : t + 1])[0, t].argmax()
