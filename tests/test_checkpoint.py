@@ -12,7 +12,7 @@ from bytelm import ByteTransformer, CheckpointError, Megabyte
 
 def test_round_trip_gives_identical_logits(model, tmp_path):
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = bytelm.load(tmp_path)
     assert type(loaded) is type(model) and loaded.config == model.config
     x = torch.randint(0, 256, (2, 33))
@@ -76,4 +76,5 @@ def test_missing_and_extra_weights(megabyte, tmp_path):
 def test_save_overwrites_atomically(megabyte, tmp_path):
     megabyte.save_pretrained(tmp_path)
     megabyte.save_pretrained(tmp_path)  # again, over the first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
+    # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]

@@ -1,6 +1,8 @@
-"""Model folders: `config.json` + `model.safetensors` (never pickle), written atomically, loaded strictly.
+"""Model folders: `config.json` + `model.safetensors` (never pickle) + a `README.md` model card, written atomically,
+loaded strictly. Such a folder is a valid Hugging Face Hub model repository (see `bytelm.hub`).
 
-`bytelm.load(path)` rebuilds the right class from `config.json`'s `model_type`. Every way a folder can be wrong
+`bytelm.load(path)` rebuilds the right class from `config.json`'s `model_type`; `path` may also be a training run
+folder (its latest checkpoint) or a hub id `org/name` (from the local hub cache). Every way a folder can be wrong
 (missing file, unreadable config, another model type, missing/extra/misshapen weights) raises `CheckpointError` with
 a message naming the problem.
 """
@@ -23,6 +25,7 @@ from .transformer import ByteTransformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # a LoRA adapter folder (bytelm.lora), not a model
 MODEL_CLASSES: dict[str, type[ByteLM]] = {"megabyte": Megabyte, "transformer": ByteTransformer}
 
 
@@ -50,12 +53,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def save_model(model: ByteLM, path: str | Path) -> Path:
+def save_model(model: ByteLM, path: str | Path, **card) -> Path:
+    """Write weights, model card and config (last) into the folder `path`. `card`: what the model card should say
+    beyond the config (name, val_bpb, data, step, base_model, license; see bytelm.hub.model_card)."""
     from . import __version__
+    from .hub import write_model_card
 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if any(".lora_A." in k for k in state):
+        raise CheckpointError("this model carries LoRA adapters: save the adapter (bytelm.lora.save_adapter), or "
+                              "merge them in first (bytelm.load_adapter(..., merge=True), `bytelm merge`)")
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_model_card(path, model.config, model.num_params(), **card)
     config = {**model.config.to_dict(), "bytelm_version": __version__}
     atomic_write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return path
@@ -73,14 +83,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpt
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder as given, or a training run folder's latest checkpoint."""
+def resolve_model_dir(path: str | Path, revision: str | None = None) -> Path:
+    """A model folder as given, a training run folder's latest checkpoint, or a hub id's folder in the hub cache."""
+    from .hub import is_hub_id, snapshot
+
+    if is_hub_id(path):
+        return snapshot(str(path), revision)
     path = Path(path)
     if not (path / CONFIG_NAME).exists():
         ckpt = latest_checkpoint(path) if path.is_dir() else None
         if ckpt is not None:
             return ckpt
     return path
+
+
+def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON file that must hold an object; anything else is `error` naming the file."""
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path} must hold a JSON object")
+    return d
 
 
 def read_config(path: str | Path):
@@ -90,23 +115,20 @@ def read_config(path: str | Path):
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; a bytelm model is a folder with {CONFIG_NAME} + {WEIGHTS_NAME}")
     cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file() and (path / ADAPTER_CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} holds a LoRA adapter, not a model: use it on its base with --adapter "
+                              "(bytelm.load_adapter), or fold it in with `bytelm merge`")
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG_NAME}: not a bytelm model folder")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{cfg_file} must hold a JSON object")
+    d = read_json_object(cfg_file)
     try:
         return config_from_dict(d)
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict, but every missing, extra or misshapen tensor is named in one clear error."""
-    expected = model.state_dict()
+def state_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Every missing, extra or misshapen tensor of `state` against `expected`, as short phrases (empty: it fits)."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -118,14 +140,22 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
         problems.append(f"unexpected weights: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
     if shapes:
         problems.append(f"wrong shapes: {'; '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}")
+    return problems
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict, but every missing, extra or misshapen tensor is named in one clear error."""
+    problems = state_problems(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"{source} does not match the model in its config: " + " | ".join(problems))
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, expect: type | None = None) -> ByteLM:
-    """Load a model folder; `expect` (a ByteLM subclass) refuses a folder holding another model type."""
-    path = resolve_model_dir(path)
+def load_model(path: str | Path, device: str | torch.device | None = None, expect: type | None = None,
+               revision: str | None = None) -> ByteLM:
+    """Load a model folder, run folder or hub id (`revision`: a branch, tag or commit of a hub model); `expect` (a
+    ByteLM subclass) refuses a folder holding another model type."""
+    path = resolve_model_dir(path, revision)
     config = read_config(path)
     cls = MODEL_CLASSES[config.model_type]
     if expect is not None and expect is not ByteLM and not issubclass(cls, expect):

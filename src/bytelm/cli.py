@@ -2,9 +2,14 @@
 become the help), so the CLI and the Python API cannot drift apart.
 
     bytelm train    [--preset small] [--data PATH ...] [--time-budget 5m] [--out-dir runs/x] [--resume] ...
-    bytelm eval     MODEL [--data PATH ...] [--mode chunked|sliding|strided] ...
-    bytelm generate MODEL [--prompt TEXT | --prompt-file F] [--max-bytes N] [--out FILE] ...
+    bytelm finetune BASE [--data PATH ...] [--lora-target global|local|all] [--lora-rank R] [--resume] ...
+    bytelm eval     MODEL [--adapter DIR] [--data PATH ...] [--mode chunked|sliding|strided] ...
+    bytelm generate MODEL [--adapter DIR] [--prompt TEXT | --prompt-file F] [--max-bytes N] [--out FILE] ...
+    bytelm merge    ADAPTER [--base BASE] --out DIR
+    bytelm push     FOLDER ORG/NAME [--private] [--token T]
     bytelm presets
+
+`bytelm finetune`'s flags come from `bytelm.lora.FinetuneConfig`, TrainConfig plus the base and the LoRA settings.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ class CLIError(Exception):
 
 # --- flags from a dataclass ----------------------------------------------------------------------------------------
 def _field_comments(cls) -> dict[str, str]:
-    """`name: type = default  # comment` lines of a dataclass's source -> {name: comment}."""
-    src = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+): [^=\n]+=.*?#\s*(.+)$", src, flags=re.M))
+    """`name: type = default  # comment` lines of a dataclass's source (and its bases') -> {name: comment}."""
+    comments: dict[str, str] = {}
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # a subclass's comment wins
+        comments.update(re.findall(r"^\s+(\w+): [^=\n]+=.*?#\s*(.+)$", inspect.getsource(c), flags=re.M))
+    return comments
 
 
 def parse_duration(s: str) -> float:
@@ -54,11 +61,14 @@ def parse_assignment(s: str) -> tuple[str, Any]:
         return k.strip(), v
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, special: dict[str, dict] | None = None) -> None:
-    """One --flag per field; defaults are SUPPRESSed so we can tell which flags were given."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, special: dict[str, dict] | None = None,
+                        skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field (but those in `skip`); defaults are SUPPRESSed so we can tell which flags were given."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw["help"] = f"{comments.get(f.name, '')} (default: {default!r})".strip()
@@ -97,20 +107,26 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace, cls=None):
+    """A TrainConfig (or `cls`, e.g. FinetuneConfig) from the flags given, over --config or a resumed run.json."""
     from .train import TrainConfig
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    cls = cls or TrainConfig
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     if "model" in given:
         given["model"] = dict(given["model"])
     base: dict[str, Any] = {}
     if args.resume:
-        named = {k: v for k, v in given.items() if k in ("model_type", "preset", "out_dir")}
-        out_dir = TrainConfig(**named).out_dir  # the default out_dir depends on model type and preset
+        # the default out_dir depends on model type and preset (on the base for a fine-tune)
+        named = {k: v for k, v in given.items() if k in ("model_type", "preset", "base")}
+        out_dir = given.get("out_dir") or cls(**named).out_dir
         run_json = Path(out_dir) / "run.json"
         if not run_json.is_file():
             raise CLIError(f"--resume: {run_json} not found; is --out-dir the folder of an earlier run?")
         base = json.loads(run_json.read_text())["train"]
+        if "base" in base and "base" not in {f.name for f in dataclasses.fields(cls)}:
+            raise CLIError(f"--resume: {out_dir} is a LoRA fine-tune run: resume it with `bytelm finetune "
+                           f"{base['base']} --out-dir {out_dir} --resume`")
     elif args.config is not None:
         if not args.config.is_file():
             raise CLIError(f"--config: {args.config} not found")
@@ -121,7 +137,7 @@ def train_config_from_args(args: argparse.Namespace):
         base = base.get("train", base)  # a run.json holds the settings under "train"
     if "model" in given and "model" in base:
         given["model"] = {**base["model"], **given["model"]}
-    return TrainConfig.from_dict({**base, **given})
+    return cls.from_dict({**base, **given})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -136,13 +152,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- finetune ------------------------------------------------------------------------------------------------------
+def _finetune_parser(sub) -> None:
+    from .lora import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune a trained model with LoRA adapters (needs bytelm[lora])",
+                       description="LoRA fine-tuning (peft): the base model stays frozen; small low-rank adapters on "
+                       "the Linear layers of its global model, local model or both are trained and saved (adapter_"
+                       "config.json + adapter_model.safetensors, naming the base). Data, schedule, checkpoints and "
+                       "--resume work as in `bytelm train`. Without --data it fine-tunes on the embedded corpus.")
+    p.add_argument("base", nargs="?", help="the model to fine-tune: a model folder, a training run folder or a hub "
+                   "id (org/name)")
+    p.add_argument("--config", type=Path, help="JSON file of settings (or a run's run.json); flags override it")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out-dir from its latest "
+                   "checkpoint")
+    add_dataclass_flags(p, FinetuneConfig, skip=("model_type", "preset", "model", "base"), special={
+        "time_budget": dict(type=parse_duration, metavar="DURATION"),
+        "lora_target": dict(choices=["global", "local", "all"]),
+    })
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .lora import FinetuneConfig, finetune
+
+    if args.base is None and not (args.resume or args.config):
+        raise CLIError("name the model to fine-tune (BASE: a model folder, run folder or hub id)")
+    cfg = train_config_from_args(args, FinetuneConfig)
+    result = finetune(cfg, resume=args.resume)
+    if result.get("val_bpb") is not None:
+        base = result.get("base_val_bpb")
+        print(f"done: step {result['step']}, validation bpb {result['val_bpb']:.3f}"
+              f"{f' (the base: {base:.3f})' if base is not None else ''}, {result['trainable_params']:,} trainable "
+              f"of {result['params']:,} params, {result['elapsed'] / 60:.1f} min. Adapter: {cfg.out_dir} "
+              f"(`bytelm generate --adapter {cfg.out_dir}`, `bytelm merge {cfg.out_dir} --out DIR`)")
+    return 0
+
+
 # --- eval ----------------------------------------------------------------------------------------------------------
+MODEL_HELP = ("a model folder, a training run folder or a hub id (org/name); with --adapter: its base (default: the "
+              "base the adapter records)")
+ADAPTER_HELP = "a LoRA adapter folder or fine-tune run folder (or hub id) to use on top of MODEL"
+
+
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="bits per byte of a model on files, folders or the embedded corpus",
                        description="Bits per byte = summed nats over every byte / (ln 2 * bytes); byte 0 counts.")
-    p.add_argument("model", help="a model folder or a training run folder")
-    p.add_argument("--data", nargs="+", help="files or folders (default: the validation split the run trained "
-                   "with, or the embedded corpus's validation split)")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--adapter", help=ADAPTER_HELP)
+    p.add_argument("--data", nargs="+", help="files or folders (default: the validation split the run (with "
+                   "--adapter: the fine-tune) trained with, or the embedded corpus's validation split)")
     p.add_argument("--split", choices=["val", "train", "all"], default="val",
                    help="which part of the split --data makes to score (default: val)")
     p.add_argument("--mode", choices=["chunked", "sliding", "strided"], default="chunked",
@@ -169,8 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import ByteDataset, load_split
     from .evaluate import evaluate
 
-    model = _load(args.model, args.device)
-    run = _run_data_settings(Path(args.model))
+    model = _load(args.model, args.device, args.adapter)
+    run = _run_data_settings(Path(args.adapter or args.model))
     data = args.data or run.get("data") or None
     train, val, info = load_split(data, run.get("val_fraction", 0.05), run.get("separator"))
     if args.split == "all":
@@ -193,7 +252,8 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate bytes from a model, streamed to stdout",
                        description="Streams UTF-8 to stdout as it generates (a multi-byte character is held until "
                        "complete); --out writes the raw bytes.")
-    p.add_argument("model", help="a model folder or a training run folder")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
+    p.add_argument("--adapter", help=ADAPTER_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     src.add_argument("--prompt-file", type=Path, help="prompt bytes from a file (any bytes)")
@@ -208,17 +268,21 @@ def _generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _load(path: str, device: str):
-    from . import load
+def _load(path: str | None, device: str, adapter: str | None = None):
+    from . import load, load_adapter
     from .train import resolve_device
 
+    if adapter is not None:
+        return load_adapter(adapter, base=path, device=resolve_device(device))
+    if path is None:
+        raise CLIError("name a MODEL (a model folder, a training run folder or a hub id), or an --adapter")
     return load(path, device=resolve_device(device))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream
 
-    model = _load(args.model, args.device)
+    model = _load(args.model, args.device, args.adapter)
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             raise CLIError(f"--prompt-file: {args.prompt_file} not found")
@@ -247,6 +311,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- merge and push ------------------------------------------------------------------------------------------------
+def _merge_parser(sub) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base and write a plain model folder",
+                       description="Adds each adapter's (alpha / r) B A to the base's weights (peft's "
+                       "merge_and_unload) and writes config.json + model.safetensors + README.md: a model that "
+                       "loads without peft and runs as fast as the base.")
+    p.add_argument("adapter", help="an adapter folder, a fine-tune run folder (its latest checkpoint) or a hub id")
+    p.add_argument("--base", help="the base model (default: the one the adapter records)")
+    p.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .lora import merge
+
+    out = merge(args.adapter, args.out, base=args.base)
+    print(f"merged {args.adapter} into its base: {out} (`bytelm generate {out}`)")
+    return 0
+
+
+def _push_parser(sub) -> None:
+    p = sub.add_parser("push", help="upload a model or adapter folder to the Hugging Face Hub",
+                       description="Uploads a model folder (config.json, model.safetensors, README.md) or a LoRA "
+                       "adapter folder as the Hub model repository REPO_ID, creating it if needed. A run folder "
+                       "uploads its latest checkpoint's model or adapter, never optimizer or trainer state.")
+    p.add_argument("folder", help="a model folder, an adapter folder or a run folder")
+    p.add_argument("repo_id", metavar="REPO_ID", help="ORG/NAME (or USER/NAME) on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or the `hf auth login` one)")
+    p.add_argument("--revision", help="the branch to push to (default: main)")
+    p.add_argument("--message", help="the commit message")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push
+
+    url = push(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+               message=args.message)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
 # --- presets -------------------------------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> int:
     import torch
@@ -270,8 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bytelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
+    _finetune_parser(sub)
     _eval_parser(sub)
     _generate_parser(sub)
+    _merge_parser(sub)
+    _push_parser(sub)
     sub.add_parser("presets", help="list the named model presets").set_defaults(func=cmd_presets)
     return parser
 

@@ -104,14 +104,16 @@ class ByteLM(nn.Module):
         return stream(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     # persistence
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` to the folder `path` (created if needed); atomic per file."""
+    def save_pretrained(self, path: str | Path, **card) -> Path:
+        """Write `config.json` + `model.safetensors` + a `README.md` model card to the folder `path` (created if
+        needed; atomic per file): a Hugging Face Hub model repository. `card`: name, val_bpb, data, license, ..."""
         from .checkpoint import save_model
 
-        return save_model(self, path)
+        return save_model(self, path, **card)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None):
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, revision: str | None = None):
+        """Load a model folder, a run folder or a hub id (`org/name`, via the local hub cache)."""
         from .checkpoint import load_model
 
-        return load_model(path, device=device, expect=cls)
+        return load_model(path, device=device, expect=cls, revision=revision)

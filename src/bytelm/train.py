@@ -6,7 +6,8 @@ A run folder (`out_dir`) describes itself:
     run.json                      resolved settings (TrainConfig + model config + data split)
     metrics.csv, loss.png         one row per log/eval interval; the loss curve
     checkpoints/latest            name of the newest complete checkpoint (rewritten atomically, last)
-    checkpoints/step-0000200/     config.json + model.safetensors (a loadable model folder),
+    checkpoints/step-0000200/     config.json + model.safetensors + README.md (a loadable model folder, a Hub
+                                  model repository; a LoRA fine-tune's holds its adapter: see bytelm.lora),
                                   optimizer.safetensors (AdamW moments, RNG state), trainer_state.json
 
 A checkpoint is written into a temporary folder and renamed into place before `latest` is updated, so a kill at any
@@ -27,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -83,9 +84,25 @@ class TrainConfig:
     sample_bytes: int = 256  # printed after training; 0: no sample
     sample_prompt: str = "def "
 
+    _kind: ClassVar[str] = "train"  # names the config in its errors
+
     def __post_init__(self) -> None:
-        checks = [
-            (self.model_type in CONFIG_CLASSES, f"model_type must be one of {list(CONFIG_CLASSES)}"),
+        for ok, msg in self._checks():
+            if not ok:
+                raise ConfigError(f"{self._kind} config: {msg}")
+        if not self.out_dir:
+            self.out_dir = self._default_out_dir()
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [(self.model_type in CONFIG_CLASSES, f"model_type must be one of {list(CONFIG_CLASSES)}"),
+                *self._schedule_checks()]
+
+    def _default_out_dir(self) -> str:
+        return f"runs/{self.model_type}-{self.preset}"
+
+    def _schedule_checks(self) -> list[tuple[bool, str]]:
+        """The checks every run shares, a fine-tune too (bytelm.lora.FinetuneConfig)."""
+        return [
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.max_steps >= 1, "max_steps must be >= 1"),
             (self.seq_len >= 0, "seq_len must be >= 0"),
@@ -94,11 +111,6 @@ class TrainConfig:
             (min(self.log_interval, self.eval_interval, self.save_interval, self.eval_batches) >= 1,
              "log_interval, eval_interval, save_interval and eval_batches must be >= 1"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"train config: {msg}")
-        if not self.out_dir:
-            self.out_dir = f"runs/{self.model_type}-{self.preset}"
 
     def model_config(self):
         return CONFIG_CLASSES[self.model_type].from_name(self.preset, **self.model)
@@ -202,9 +214,10 @@ class Trainer:
         WindowSampler(self.val_data, self.seq_len, 1, 0)  # fail now, with a clear message, if val is too short
 
         torch.manual_seed(cfg.seed)
-        self.model: ByteLM = build(self.model_config).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.model: ByteLM = self.build_model().to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)  # the parameters that require grad: all, or a LoRA's
         self.step, self.elapsed, self.bytes_seen = 0, 0.0, 0
+        self.last_val: tuple[int, float] | None = None  # (step, loss) of the latest validation estimate
         if resume:
             self._load_checkpoint()
         elif latest_checkpoint(self.out) is not None:
@@ -222,6 +235,39 @@ class Trainer:
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
                          else contextlib.nullcontext())
+
+    # what a fine-tune changes (bytelm.lora.FinetuneTrainer) ----------------------------------------------------
+    def build_model(self) -> ByteLM:
+        """The model to train, on the CPU: a fresh one of the run's config."""
+        return build(self.model_config)
+
+    def describe(self) -> str:
+        return f"{self.model_config.model_type} {self.cfg.preset}: {self.model.num_params():,} params"
+
+    def save_weights(self, folder: Path) -> None:
+        """Write what the run trains into a checkpoint folder: here a whole model folder."""
+        save_model(self.model, folder, **self.card_info())
+
+    def load_weights(self, ckpt: Path) -> None:
+        saved = load_model(ckpt)
+        if saved.config != self.model_config:
+            raise CheckpointError(f"--resume: the checkpoint's model config differs from this run's: "
+                                  f"{saved.config} vs {self.model_config}")
+        self.model.load_state_dict(saved.state_dict())
+
+    def before_training(self) -> None:
+        """Called once per run() before its first step (a fine-tune scores its base here)."""
+
+    def card_info(self) -> dict[str, Any]:
+        """What a checkpoint's model card says about the run: its name, data and latest validation estimate."""
+        info: dict[str, Any] = {"name": self.out.name, "data": self.split_info}
+        if self.last_val is not None:
+            info.update(step=self.last_val[0], val_bpb=self.last_val[1] / LN2)
+        return info
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     # logging ---------------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -269,12 +315,13 @@ class Trainer:
         name = f"step-{self.step:07d}"
         final, tmp = root / name, root / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(self.model, tmp)
+        self.save_weights(tmp)
         tensors, meta = _optimizer_tensors(self.optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, tmp / "optimizer.safetensors")
         state = {"step": self.step, "elapsed": self.elapsed, "bytes_seen": self.bytes_seen,
-                 "sampler": self.sampler.state_dict(), "optimizer": meta, "bytelm_version": __version__}
+                 "sampler": self.sampler.state_dict(), "optimizer": meta, "last_val": self.last_val,
+                 "bytelm_version": __version__}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -288,17 +335,14 @@ class Trainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             raise CheckpointError(f"--resume: {self.out} has no checkpoint to resume from")
-        saved = load_model(ckpt)
-        if saved.config != self.model_config:
-            raise CheckpointError(f"--resume: the checkpoint's model config differs from this run's: "
-                                  f"{saved.config} vs {self.model_config}")
-        self.model.load_state_dict(saved.state_dict())
+        self.load_weights(ckpt)
         state = json.loads((ckpt / "trainer_state.json").read_text())
         tensors = load_file(ckpt / "optimizer.safetensors")
         self.optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
         torch.set_rng_state(tensors["rng.torch"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.elapsed, self.bytes_seen = state["step"], state["elapsed"], state["bytes_seen"]
+        self.last_val = tuple(state["last_val"]) if state.get("last_val") else None
         self._truncate_metrics()
         self.log(f"resumed {self.out} at step {self.step} ({ckpt.name})")
 
@@ -320,7 +364,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         info = {
             "bytelm_version": __version__, "torch_version": torch.__version__, "train": self.cfg.to_dict(),
-            "model": self.model_config.to_dict(), "params": self.model.num_params(), "seq_len": self.seq_len,
+            "model": self.model_config.to_dict(), "params": self.model.num_params(),
+            "trainable_params": self.trainable_params, "seq_len": self.seq_len,
             "processes": self.world, "global_batch_bytes": self.batch_bytes, "device": str(self.device),
             "data": self.split_info,
         }
@@ -356,10 +401,10 @@ class Trainer:
         """Train to max_steps (or `until_step`, or the time budget); returns the final metrics."""
         cfg = self.cfg
         self.write_run_info()
-        self.log(f"bytelm {__version__} | {self.model_config.model_type} {cfg.preset}: "
-                 f"{self.model.num_params():,} params | seq_len {self.seq_len} | global batch "
+        self.log(f"bytelm {__version__} | {self.describe()} | seq_len {self.seq_len} | global batch "
                  f"{cfg.batch_size}x{cfg.grad_accum}x{self.world} windows ({self.batch_bytes:,} bytes) | "
                  f"device {self.device} | {self.split_info}")
+        self.before_training()
         stop = min(cfg.max_steps, until_step or cfg.max_steps)
         bar = tqdm(total=stop, initial=self.step, disable=not (self.master and sys.stderr.isatty()),
                    unit="step", dynamic_ncols=True, leave=False)
@@ -387,6 +432,7 @@ class Trainer:
                 t_last, bytes_last, losses = time.perf_counter(), self.bytes_seen, []
             if self.step % cfg.eval_interval == 0 or last:
                 val = self.estimate_val()
+                self.last_val = (self.step, val)
                 self.log(f"step {self.step:>6} | val loss {val:.4f} | val bpb {val / LN2:.3f}")
                 self._metrics(dict(step=self.step, split="val", loss=f"{val:.5f}", bpb=f"{val / LN2:.5f}",
                                    lr="", bytes_per_s="", elapsed_s=f"{self.elapsed:.1f}"))
@@ -439,9 +485,11 @@ def sample_text(model: ByteLM, prompt: str, n: int, seed: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=log_line) -> dict[str, Any]:
-    """Run (or resume) a training run end to end; print a sample when it is done."""
-    trainer = Trainer(cfg, resume=resume, log=log)
+def train(cfg: TrainConfig, resume: bool = False, log=log_line, trainer_class: type[Trainer] = Trainer
+          ) -> dict[str, Any]:
+    """Run (or resume) a training run end to end; print a sample when it is done. A LoRA fine-tune is the same run
+    with another `trainer_class` (bytelm.lora.finetune)."""
+    trainer = trainer_class(cfg, resume=resume, log=log)
     try:
         result = trainer.run()
         if trainer.master and cfg.sample_bytes > 0:
