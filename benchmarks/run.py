@@ -3,7 +3,7 @@ timing, a markdown table and PNG plots each), and the headline table in summary.
 
     pip install -e ".[bench]"                 # megabyte-pytorch for the side-by-side runs (torch first)
     python -m benchmarks.run --suite quick    # < 10 minutes on a 2-core CPU
-    python -m benchmarks.run --suite full     # the README's table (about an hour on a 2-core CPU)
+    python -m benchmarks.run --suite full     # the README's table (about 30 minutes on a 2-core CPU)
     python -m benchmarks.run --suite smoke --out /tmp/x    # every benchmark on tiny shapes, seconds
 
 Run it on a quiet machine: the ratios come from runs made back to back in one process, but a busy machine still

@@ -97,3 +97,14 @@ def test_peer_generate_is_greedy_over_its_forward():
     with torch.no_grad():
         for t in range(1, 6):  # each byte is the argmax of the prediction after the bytes before it
             assert seq[0, t] == peer.peer_logits(m, seq[:, : t + 1])[0, t].argmax()
+
+
+@needs_peer
+def test_ablation_variants_build_and_train(tmp_path):
+    from benchmarks import ablation
+
+    out = ablation.main(["--variants", "ours-shift", "peer-noshift", "--steps", "1", "--windows", "1",
+                          "--out", str(tmp_path)])
+    assert [r["variant"] for r in out["runs"]] == ["ours-shift", "peer-noshift"]
+    assert all(0 < r["val_bpb"] < 9 for r in out["runs"])
+    assert (tmp_path / "ablation.md").is_file()
