@@ -29,7 +29,7 @@ from bytelm.data import WindowSampler, load_split
 from bytelm.model import byte_loss
 
 from . import peer, suites
-from .common import RESULTS, write
+from .common import RESULTS, adamw, optimizer_step, write
 
 VARIANTS = {
     "ours": "bytelm MEGABYTE",
@@ -105,10 +105,7 @@ def one(variant: str, steps: int, windows: int = 64) -> dict:
     lr_max = 4e-3 if variant == "ours-lr4e-3" else 2e-3
     train, val, _ = load_split(None)
     m, logits = build(variant)
-    decay = [p for p in m.parameters() if p.dim() >= 2]
-    other = [p for p in m.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=lr_max, betas=(0.9, 0.95))
+    opt = adamw(m, lr_max)
     sampler = WindowSampler(train, 1024, 8, seed=1337)
     t0 = time.time()
     for i in range(steps):
@@ -116,10 +113,7 @@ def one(variant: str, steps: int, windows: int = 64) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         x = sampler.next_batch()
-        byte_loss(logits(m, x), x).backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        optimizer_step(m, opt, byte_loss(logits(m, x), x))
     ev = WindowSampler(val, 1024, 1, seed=2024)
     m.eval()
     with torch.no_grad():

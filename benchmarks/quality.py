@@ -25,7 +25,7 @@ from bytelm.model import byte_loss
 
 from . import peer as peer_mod
 from . import suites
-from .common import RESULTS, fmt_params, main_for, write
+from .common import RESULTS, adamw, fmt_params, main_for, optimizer_step, write
 
 SLICE_SECONDS = 5.0
 
@@ -33,10 +33,7 @@ SLICE_SECONDS = 5.0
 class Contender:
     def __init__(self, name: str, model: torch.nn.Module, logits_fn, suite: suites.Suite, train_data) -> None:
         self.name, self.model, self.logits_fn, self.suite = name, model, logits_fn, suite
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        other = [p for p in model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                                     lr=suite.quality_lr, betas=(0.9, 0.95))
+        self.opt = adamw(model, suite.quality_lr)
         self.sampler = WindowSampler(train_data, suite.quality_seq_len, suite.quality_batch, seed=1337)
         self.elapsed, self.steps, self.losses = 0.0, 0, []
 
@@ -56,10 +53,7 @@ class Contender:
             for g in self.opt.param_groups:
                 g["lr"] = self.lr()
             loss = byte_loss(self.logits_fn(self.model, x), x)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            optimizer_step(self.model, self.opt, loss)
             self.elapsed += time.perf_counter() - t0
             self.steps += 1
             self.losses.append(loss.item())

@@ -19,7 +19,7 @@ from bytelm.model import byte_loss
 
 from . import peer as peer_mod
 from . import suites
-from .common import RESULTS, fmt_params, main_for, median, write
+from .common import RESULTS, fmt_params, main_for, median, optimizer_step, write
 
 
 def contenders(suite: suites.Suite, seq_len: int) -> dict[str, tuple[torch.nn.Module, object]]:
@@ -42,11 +42,7 @@ def step_fn(model, loss_fn, batch_shape):
     def step() -> float:
         x = torch.randint(0, 256, batch_shape, generator=gen)
         t0 = time.perf_counter()
-        loss = loss_fn(model, x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, loss_fn(model, x))
         return time.perf_counter() - t0
 
     return step

@@ -163,6 +163,11 @@ def read_adapter(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any]
     return folder, config, info
 
 
+def recorded_base(config: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """The base an adapter names: bytelm's record, else peft's base_model_name_or_path."""
+    return info.get("base") or config.get("base_model_name_or_path")
+
+
 def check_base(folder: Path, info: dict[str, Any], config, fingerprint: str | None) -> None:
     """Refuse a base whose config differs from the one the adapter records; warn when only its weights differ."""
     if "base_config" not in info:
@@ -221,7 +226,7 @@ def load_adapter(adapter: str | Path, base: str | Path | None = None, device: st
     adapter: an adapter folder, a fine-tune run folder (its latest checkpoint) or a hub id. base: a model folder, run
     folder or hub id; default: the base the adapter records."""
     folder, config, info = read_adapter(adapter)
-    ref = base if base is not None else info.get("base") or config.get("base_model_name_or_path")
+    ref = base if base is not None else recorded_base(config, info)
     if not ref:
         raise LoraError(f"adapter {folder} does not record its base model: name one (--base, or MODEL)")
     try:
@@ -242,7 +247,7 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) 
     """Fold an adapter into its base and write a plain model folder (config.json + model.safetensors + card)."""
     folder, config, info = read_adapter(adapter)
     model = load_adapter(folder, base=base, merge=True)
-    ref = str(base) if base is not None else info.get("base") or config.get("base_model_name_or_path")
+    ref = str(base) if base is not None else recorded_base(config, info)
     card = {k: info[k] for k in ("val_bpb", "data", "step") if info.get(k) is not None}
     return model.save_pretrained(out, name=Path(out).resolve().name, base_model=ref, **card)
 
@@ -323,9 +328,7 @@ class FinetuneTrainer(Trainer):
     def before_training(self) -> None:
         if self.step == 0:  # the base alone (its adapters are zero): what the fine-tune is measured against
             self.base_val = self.estimate_val()
-            self.log(f"step      0 | val loss {self.base_val:.4f} | val bpb {self.base_val / LN2:.3f} (the base)")
-            self._metrics(dict(step=0, split="val", loss=f"{self.base_val:.5f}", bpb=f"{self.base_val / LN2:.5f}",
-                               lr="", bytes_per_s="", elapsed_s="0.0"))
+            self.log_val(self.base_val, note=" (the base)")
 
     def run(self, until_step: int | None = None) -> dict[str, Any]:
         result = super().run(until_step)

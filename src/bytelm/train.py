@@ -285,6 +285,12 @@ class Trainer:
                 w.writeheader()
             w.writerow(row)
 
+    def log_val(self, val: float, note: str = "") -> None:
+        """A validation loss to the log and to metrics.csv, at the current step."""
+        self.log(f"step {self.step:>6} | val loss {val:.4f} | val bpb {val / LN2:.3f}{note}")
+        self._metrics(dict(step=self.step, split="val", loss=f"{val:.5f}", bpb=f"{val / LN2:.5f}",
+                           lr="", bytes_per_s="", elapsed_s=f"{self.elapsed:.1f}"))
+
     def _all_agree(self, flag: bool) -> bool:
         """Rank 0's decision for every process (clocks differ: ranks must stop at the same step)."""
         if not self.ddp:
@@ -433,9 +439,7 @@ class Trainer:
             if self.step % cfg.eval_interval == 0 or last:
                 val = self.estimate_val()
                 self.last_val = (self.step, val)
-                self.log(f"step {self.step:>6} | val loss {val:.4f} | val bpb {val / LN2:.3f}")
-                self._metrics(dict(step=self.step, split="val", loss=f"{val:.5f}", bpb=f"{val / LN2:.5f}",
-                                   lr="", bytes_per_s="", elapsed_s=f"{self.elapsed:.1f}"))
+                self.log_val(val)
             if self.step % cfg.save_interval == 0 or last:
                 self.save_checkpoint()
             if self.step % cfg.eval_interval == 0 or self.step % cfg.save_interval == 0:
