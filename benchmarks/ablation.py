@@ -26,7 +26,7 @@ from torch import nn
 
 from bytelm import Megabyte
 from bytelm.data import WindowSampler, load_split
-from bytelm.model import byte_loss
+from bytelm.models import byte_loss
 
 from . import peer, suites
 from .common import RESULTS, adamw, optimizer_step, write
@@ -60,13 +60,13 @@ def build(variant: str) -> tuple[nn.Module, object]:
 
         mpm.token_shift = lambda t: t
     if variant == "ours-shift":
-        from bytelm import layers
+        from bytelm.nn import Block
 
         def forward(self, x, rope=None, cache=None, pos=0):
             x = x + self.drop(self.attn(self.norm1(_token_shift(x)), rope, cache, pos))
             return x + self.drop(self.mlp(self.norm2(_token_shift(x))))
 
-        layers.Block.forward = forward
+        Block.forward = forward
     torch.manual_seed(0)
     if variant.startswith("peer"):
         return peer.build_peer(cfg, 1024), peer.peer_logits

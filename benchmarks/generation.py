@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bytelm import ByteTransformer, Megabyte
-from bytelm.generate import decode
+from bytelm.generation import decode
 
 from . import peer as peer_mod
 from . import suites

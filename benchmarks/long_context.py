@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bytelm import build
-from bytelm.config import config_from_dict
+from bytelm.models import config_from_dict
 
 from . import suites
 from .common import RESULTS, fit_exponent, fmt_params, main_for, pyplot, write

@@ -21,7 +21,7 @@ import torch
 
 from bytelm import ByteTransformer, Megabyte
 from bytelm.data import WindowSampler, load_split
-from bytelm.model import byte_loss
+from bytelm.models import byte_loss
 
 from . import peer as peer_mod
 from . import suites

@@ -15,7 +15,7 @@ import time
 import torch
 
 from bytelm import ByteTransformer, Megabyte
-from bytelm.model import byte_loss
+from bytelm.models import byte_loss
 
 from . import peer as peer_mod
 from . import suites

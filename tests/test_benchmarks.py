@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import common, peer, suites
 from benchmarks import run as bench_run
-from bytelm.model import byte_loss
+from bytelm.models import byte_loss
 
 needs_peer = pytest.mark.skipif(not peer.available(), reason="megabyte-pytorch not installed (pip install '.[bench]')")
 

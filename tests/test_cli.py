@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import bytelm
-from bytelm.cli import main, parse_duration
+from bytelm.cli import main
+from bytelm.cli.options import parse_duration
 
 TINY = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "8", "--warmup-steps", "10", "--log-interval", "50",
         "--eval-batches", "2", "--sample-bytes", "32", "--val-fraction", "0.2"]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from bytelm import data
-from bytelm.data import ByteDataset, DataError, WindowSampler, default_corpus_files, load_split
+from bytelm import DataError
+from bytelm.data import ByteDataset, WindowSampler, dataset, default_corpus_files, load_split
+from bytelm.data import corpus as corpus_mod
 
 
 def _write(path: Path, content: bytes) -> Path:
@@ -87,7 +88,7 @@ def test_tail_split_exact(tmp_path: Path):
 
 
 def test_large_file_is_memmapped_not_copied(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(data, "_MMAP_MIN_BYTES", 100)
+    monkeypatch.setattr(dataset, "_MMAP_MIN_BYTES", 100)
     f = _write(tmp_path / "big.bin", bytes(1000))
     train, val, _ = load_split([f], val_fraction=0.1)
     # Both halves are views of one mapping of the file, not copies in RAM.
@@ -184,8 +185,8 @@ def test_default_corpus_files():
 def test_default_corpus_split_by_hash_is_balanced():
     # Only path names are used: the documented hash puts roughly val_fraction of the stdlib in validation.
     files = default_corpus_files()
-    root = Path(data.sysconfig.get_paths()["stdlib"])
-    n_val = sum(data._val_score(f.relative_to(root).as_posix()) < 0.05 for f in files)
+    root = Path(corpus_mod.sysconfig.get_paths()["stdlib"])
+    n_val = sum(corpus_mod._val_score(f.relative_to(root).as_posix()) < 0.05 for f in files)
     assert 0.02 * len(files) < n_val < 0.09 * len(files)
 
 
@@ -237,6 +238,6 @@ def test_error_bad_val_fraction(tmp_path: Path, bad):
 
 
 def test_error_no_default_corpus(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(data.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    monkeypatch.setattr(corpus_mod.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
     with pytest.raises(DataError, match=r"no Python standard library sources.*found under"):
         default_corpus_files()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import bytelm
 from bytelm.data import ByteDataset
-from bytelm.evaluate import EvalResult, evaluate
+from bytelm.evaluation import EvalResult, evaluate
 
 LN2 = math.log(2)
 

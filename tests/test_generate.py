@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bytelm import GenerationError, MegabyteConfig
-from bytelm.generate import sample
+from bytelm.generation import sample
 
 P = MegabyteConfig.from_name("tiny").patch_size
 

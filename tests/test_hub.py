@@ -17,11 +17,11 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 
 import bytelm
-from bytelm import CheckpointError, Megabyte, MegabyteConfig
-from bytelm import hub as hub_mod
+from bytelm import CheckpointError, HubError, Megabyte, MegabyteConfig
 from bytelm.cli import main
-from bytelm.hub import HubError, is_hub_id
-from bytelm.train import TrainConfig, Trainer
+from bytelm.hub import is_hub_id
+from bytelm.hub import remote as hub_mod
+from bytelm.training import TrainConfig, Trainer
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -201,29 +201,29 @@ def test_push_writes_a_card_when_missing_and_refuses_broken_folders(tmp_path, lo
     model = tiny()
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "README.md").unlink()
-    hub_mod.push(tmp_path / "m", "me/m")
+    bytelm.push(tmp_path / "m", "me/m")
     assert ModelCard.load(tmp_path / "m" / "README.md").data.library_name == "bytelm"
     state = load_file(tmp_path / "m" / "model.safetensors")
     state.pop("lm_head.weight")
     save_file(state, tmp_path / "m" / "model.safetensors")
     n = len(local_hub.calls)
     with pytest.raises(CheckpointError, match="missing weights: lm_head.weight"):
-        hub_mod.push(tmp_path / "m", "me/m")
+        bytelm.push(tmp_path / "m", "me/m")
     assert len(local_hub.calls) == n  # nothing was uploaded
     with pytest.raises(HubError, match="not a hub repository id"):
-        hub_mod.push(tmp_path / "m", "no-slash")
+        bytelm.push(tmp_path / "m", "no-slash")
 
 
 def test_push_an_adapter_folder(tmp_path, local_hub):
     pytest.importorskip("peft")
-    from bytelm.lora import apply_lora, save_adapter
+    from bytelm.finetune import apply_lora, save_adapter
 
     base = tiny()
     cache_model(base, "org/base", tmp_path / "hf" / "hub")
     peft_model = apply_lora(base, "local", rank=2, base="org/base")
     save_adapter(peft_model, tmp_path / "adapter", base.config, "org/base", None)
     (tmp_path / "adapter" / "junk.bin").write_bytes(b"x")
-    hub_mod.push(tmp_path / "adapter", "me/adapter")
+    bytelm.push(tmp_path / "adapter", "me/adapter")
     [upload] = [c for name, c in local_hub.calls if name == "upload_folder"]
     assert "adapter_model.safetensors" in upload["allow_patterns"] and "junk.bin" not in upload["allow_patterns"]
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
@@ -234,7 +234,7 @@ def test_push_an_adapter_folder(tmp_path, local_hub):
     assert merged.config == base.config
     save_adapter(peft_model, tmp_path / "local", base.config, str(tmp_path / "base"), None)
     with pytest.warns(UserWarning, match="not a hub id: whoever uses it from the Hub will have to name its base"):
-        hub_mod.push(tmp_path / "local", "me/local")
+        bytelm.push(tmp_path / "local", "me/local")
 
 
 def test_push_failure_is_one_line(tmp_path, monkeypatch, capsys):

@@ -16,8 +16,8 @@ import bytelm
 from bytelm import ByteTransformer, CheckpointError, Megabyte, MegabyteConfig, TransformerConfig
 from bytelm.cli import main
 from bytelm.data import load_split
-from bytelm.evaluate import evaluate
-from bytelm.lora import (
+from bytelm.evaluation import evaluate
+from bytelm.finetune import (
     FinetuneConfig,
     FinetuneTrainer,
     LoraError,
@@ -27,7 +27,7 @@ from bytelm.lora import (
     target_modules,
     weights_fingerprint,
 )
-from bytelm.train import TrainConfig, Trainer
+from bytelm.training import TrainConfig, Trainer
 
 pytest.importorskip("peft")
 quiet = lambda *_: None  # noqa: E731

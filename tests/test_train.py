@@ -13,7 +13,7 @@ import torch
 
 import bytelm
 from bytelm import CheckpointError
-from bytelm.train import TrainConfig, Trainer, lr_at
+from bytelm.training import TrainConfig, Trainer, lr_at
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, code_di
     trainer.run(until_step=4)
     good = weights(trainer.model)
 
-    import bytelm.train as train_mod
+    import bytelm.training.checkpointing as train_mod
 
     def killed(*args, **kwargs):  # the process dies after the model is written, before the optimizer state
         raise KeyboardInterrupt("killed mid-write")

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import Dropout, KVCache, TransformerStack, init_weights
+from .base import ByteLM
 from .config import VOCAB_SIZE, MegabyteConfig
-from .layers import KVCache, TransformerStack, init_weights
-from .model import ByteLM
+from .registry import ModelSpec, register
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Megabyte(ByteLM):
         self.local_model = TransformerStack(D_L, c.local_layers, c.local_heads, c.mlp_ratio, c.bias, c.dropout,
                                             P, rope, c.rope_base)
         self.lm_head = nn.Linear(D_L, VOCAB_SIZE, bias=False)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         init_weights(self, max(c.global_layers, c.local_layers))
 
     # --- pieces shared by training and decoding ----------------------------------------------------------------
@@ -146,3 +147,14 @@ class Megabyte(ByteLM):
             self._global_step(self._patch_embed(s.patch, (s.k - 1) * P), s, s.k)
             s.r = 0
         return self._local_step(byte.view(-1, 1), s, s.r)
+
+
+# One Linear layer of a block: attention in and out, MLP in and out (what LoRA adapts; see bytelm.finetune).
+_BLOCK_LINEARS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj))"
+
+register(ModelSpec(
+    model_type="megabyte", config_class=MegabyteConfig, model_class=Megabyte,
+    lora_targets={"global": rf"global_model\.{_BLOCK_LINEARS}", "local": rf"local_model\.{_BLOCK_LINEARS}",
+                  "all": rf"(global_model|local_model)\.{_BLOCK_LINEARS}"},
+    description="MEGABYTE (Yu et al. 2023, arXiv 2305.07185)", tags=["megabyte", "byte-level", "tokenizer-free"],
+))

@@ -1,30 +1,35 @@
 """Typed model configs with named presets.
 
-Two model types share one interface (see `bytelm.model.ByteLM`):
+Two model types share one interface (see `bytelm.models.base.ByteLM`):
   - `MegabyteConfig` -> `bytelm.Megabyte` (Yu et al. 2023, arXiv 2305.07185)
   - `TransformerConfig` -> `bytelm.ByteTransformer` (plain decoder-only byte transformer, the baseline)
 
-A config is a frozen-free dataclass; `to_dict()`/`from_dict()` are what `config.json` holds.
+A config is a dataclass; `to_dict()` / `from_dict()` are what `config.json` holds, and `from_dict` checks every
+field's type (see bytelm.typedconfig). Which class a `model_type` names is bytelm.models.registry's business.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..typedconfig import TypedConfig
 
 VOCAB_SIZE = 256  # every byte value, 0 included; there are no special tokens
 POS_EMB_CHOICES = ("rope", "learned")
 
 
-class ConfigError(ValueError):
-    """A config that cannot describe a model (bad value, unknown preset or field)."""
-
-
 @dataclass
-class _BaseConfig:
+class ModelConfig(TypedConfig):
+    """What every model config has: a `model_type`, named presets, and checks that name the bad field."""
+
     model_type: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def kind(cls) -> str:
+        return cls.model_type
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any):
@@ -35,22 +40,17 @@ class _BaseConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        if not isinstance(d, dict):
+            raise ConfigError(f"a {cls.model_type} config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         mt = d.pop("model_type", cls.model_type)
         if mt != cls.model_type:
             raise ConfigError(f"config is for model_type {mt!r}, not {cls.model_type!r}")
         d.pop("bytelm_version", None)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown {cls.model_type} config field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**cls.checked_fields(d))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": self.model_type, **dataclasses.asdict(self)}
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)
+        return {"model_type": self.model_type, **super().to_dict()}
 
     def _check(self, cond: bool, msg: str) -> None:
         if not cond:
@@ -63,7 +63,7 @@ class _BaseConfig:
         self._check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
 
-def _check_stack(cfg: _BaseConfig, prefix: str, dim: int, layers: int, heads: int) -> None:
+def _check_stack(cfg: ModelConfig, prefix: str, dim: int, layers: int, heads: int) -> None:
     cfg._check(layers >= 1, f"{prefix}layers must be >= 1, got {layers}")
     cfg._check(heads >= 1 and dim % heads == 0, f"{prefix}dim ({dim}) must be divisible by {prefix}heads ({heads})")
     head_dim = dim // heads
@@ -71,7 +71,7 @@ def _check_stack(cfg: _BaseConfig, prefix: str, dim: int, layers: int, heads: in
 
 
 @dataclass
-class MegabyteConfig(_BaseConfig):
+class MegabyteConfig(ModelConfig):
     """MEGABYTE shape. Widths follow the paper's tables: `global_dim` is the global transformer's width, which is
     P * D_G (P per-byte global embeddings of size D_G concatenated into one patch vector, section 2.2.1)."""
 
@@ -113,7 +113,7 @@ class MegabyteConfig(_BaseConfig):
 
 
 @dataclass
-class TransformerConfig(_BaseConfig):
+class TransformerConfig(ModelConfig):
     """A plain decoder-only transformer over bytes (GPT/OPT style), built from the same blocks as MEGABYTE."""
 
     model_type: ClassVar[str] = "transformer"
@@ -155,13 +155,3 @@ TransformerConfig.presets = {
     # that it generates 8,192 bytes without a sliding window.
     "paper-350m": dict(max_seq_len=8192, dim=1024, layers=24, heads=16, pos_emb="learned", bias=True),
 }
-
-CONFIG_CLASSES: dict[str, type[_BaseConfig]] = {c.model_type: c for c in (MegabyteConfig, TransformerConfig)}
-
-
-def config_from_dict(d: dict[str, Any]) -> MegabyteConfig | TransformerConfig:
-    """Rebuild the right config class from a `config.json` dict (dispatch on `model_type`)."""
-    mt = d.get("model_type")
-    if mt not in CONFIG_CLASSES:
-        raise ConfigError(f"config.json has model_type {mt!r}; bytelm knows {', '.join(map(repr, CONFIG_CLASSES))}")
-    return CONFIG_CLASSES[mt].from_dict(d)

@@ -54,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import VOCAB_SIZE
-from .data import ByteDataset
+from ..data import ByteDataset
+from ..errors import EvaluationError
+from ..models.config import VOCAB_SIZE
 
 MODES = ("chunked", "sliding", "strided")
 
@@ -139,28 +140,28 @@ def evaluate(model, data, seq_len: int | None = None, mode: str = "chunked", str
     mode is restored afterwards), on the model's device. See the module docstring for the exact modes.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        raise EvaluationError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     max_len = model.config.max_seq_len
     seq_len = max_len if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= max_len:
-        raise ValueError(f"seq_len must be in 1..max_seq_len={max_len} of this model, got {seq_len!r}")
+        raise EvaluationError(f"seq_len must be in 1..max_seq_len={max_len} of this model, got {seq_len!r}")
     if mode == "chunked":
         if stride is not None and stride != seq_len:
-            raise ValueError(f"chunked windows do not overlap (stride = seq_len = {seq_len}); got stride={stride}: "
-                             "use mode='sliding' for overlapping windows")
+            raise EvaluationError(f"chunked windows do not overlap (stride = seq_len = {seq_len}); got stride="
+                                  f"{stride}: use mode='sliding' for overlapping windows")
         stride = seq_len
     elif stride is None:
         stride = max(1, seq_len // 2)
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be in 1..seq_len={seq_len}, got {stride!r}")
+        raise EvaluationError(f"stride must be in 1..seq_len={seq_len}, got {stride!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        raise EvaluationError(f"batch_size must be >= 1, got {batch_size!r}")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
-        raise ValueError(f"max_bytes must be >= 1 (or None for all of the data), got {max_bytes!r}")
+        raise EvaluationError(f"max_bytes must be >= 1 (or None for all of the data), got {max_bytes!r}")
     ds = _as_dataset(data)
     n = len(ds) if max_bytes is None else min(len(ds), max_bytes)
     if n == 0:
-        raise ValueError(f"{ds.name} is empty (0 bytes): nothing to evaluate")
+        raise EvaluationError(f"{ds.name} is empty (0 bytes): nothing to evaluate")
 
     note = ""
     P = getattr(model.config, "patch_size", 1)
@@ -174,26 +175,22 @@ def evaluate(model, data, seq_len: int | None = None, mode: str = "chunked", str
     device = model.device
     # float64 accumulation; MPS has no float64, so accumulate on the CPU there
     acc = torch.zeros((), dtype=torch.float64, device="cpu" if device.type == "mps" else device)
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    try:
-        with torch.inference_mode(), tqdm(total=n, unit="B", unit_scale=True, disable=not progress,
-                                          desc=f"eval {mode}") as bar:
-            for batch in _batches(n, seq_len, stride, batch_size):
-                length = batch[0][1] - batch[0][0]
-                x = torch.from_numpy(np.stack([ds.read(s, length) for s, _, _ in batch])).to(device).long()
-                nats = _byte_nats(model, x)  # pass A
-                j = torch.arange(length, device=device)
-                if strided and length > P:  # pass B, inputs offset by o; only bytes j >= P can come from it
-                    use_b = ((j >= P) & (j % P >= o))[o:]
-                    nats[:, o:] = torch.where(use_b, _byte_nats(model, x[:, o:]), nats[:, o:])
-                score_from = torch.tensor([f - s for s, _, f in batch], device=device)
-                scored = j[None, :] >= score_from[:, None]
-                acc += (nats * scored).to(device=acc.device, dtype=torch.float64).sum()
-                bar.update(sum(e - f for _, e, f in batch))
-        total = float(acc)
-    finally:
-        model.train(was_training)
+    # inference mode turns dropout off without touching model.training (see bytelm.nn.dropout_active)
+    with torch.inference_mode(), tqdm(total=n, unit="B", unit_scale=True, disable=not progress,
+                                      desc=f"eval {mode}") as bar:
+        for batch in _batches(n, seq_len, stride, batch_size):
+            length = batch[0][1] - batch[0][0]
+            x = torch.from_numpy(np.stack([ds.read(s, length) for s, _, _ in batch])).to(device).long()
+            nats = _byte_nats(model, x)  # pass A
+            j = torch.arange(length, device=device)
+            if strided and length > P:  # pass B, inputs offset by o; only bytes j >= P can come from it
+                use_b = ((j >= P) & (j % P >= o))[o:]
+                nats[:, o:] = torch.where(use_b, _byte_nats(model, x[:, o:]), nats[:, o:])
+            score_from = torch.tensor([f - s for s, _, f in batch], device=device)
+            scored = j[None, :] >= score_from[:, None]
+            acc += (nats * scored).to(device=acc.device, dtype=torch.float64).sum()
+            bar.update(sum(e - f for _, e, f in batch))
+    total = float(acc)
     return EvalResult(bpb=total / (math.log(2) * n), nats=total, bytes=n, mode=mode, seq_len=seq_len, stride=stride,
                       seconds=time.perf_counter() - t0, note=note)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..nn import Dropout, KVCache, TransformerStack, init_weights
+from .base import ByteLM
 from .config import VOCAB_SIZE, TransformerConfig
-from .layers import KVCache, TransformerStack, init_weights
-from .model import ByteLM
+from .registry import ModelSpec, register
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ByteTransformer(ByteLM):
         self.embed = nn.Embedding(VOCAB_SIZE, c.dim)
         self.pos = None if rope else nn.Embedding(c.max_seq_len, c.dim)
         self.bos = nn.Parameter(torch.zeros(c.dim))
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.transformer = TransformerStack(c.dim, c.layers, c.heads, c.mlp_ratio, c.bias, c.dropout,
                                             c.max_seq_len, rope, c.rope_base)
         self.lm_head = nn.Linear(c.dim, VOCAB_SIZE, bias=False)
@@ -66,3 +67,14 @@ class ByteTransformer(ByteLM):
         out = self.transformer(h, s.kv, s.pos)
         s.pos += 1
         return self.lm_head(out[:, -1])
+
+
+_BLOCK_LINEARS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc|proj))"
+
+register(ModelSpec(
+    model_type="transformer", config_class=TransformerConfig, model_class=ByteTransformer,
+    lora_targets={"global": rf"transformer\.{_BLOCK_LINEARS}", "all": rf"transformer\.{_BLOCK_LINEARS}"},
+    lora_target_help={"local": "a byte transformer has no local model: --lora-target global (or all) adapts its "
+                               "transformer"},
+    description="byte-level transformer", tags=["byte-level", "tokenizer-free"],
+))

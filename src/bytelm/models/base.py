@@ -8,7 +8,9 @@ explicit decoding state (its KV caches), in the style of gpt-fast:
     logits = model.prefill(x, state)             # (B, 256): prediction of the byte after x
     logits = model.decode_step(byte, state)      # (B, 256): feed one byte (B,), predict the next
 
-`bytelm.generate` builds sampling and streaming on top of these; the CLI, the server and the swarm client share it.
+`bytelm.generation` builds sampling and streaming on top of these; the CLI, the server and the swarm client share
+it. `generate` / `stream` / `save_pretrained` / `from_pretrained` are thin methods over bytelm.generation and
+bytelm.models.persistence, which import nothing from here: no cycle.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import generation
+from . import persistence
 from .config import VOCAB_SIZE
 
 
@@ -32,6 +36,7 @@ def byte_loss(logits: torch.Tensor, x: torch.Tensor, reduction: str = "mean") ->
 
 class ByteLM(nn.Module):
     config_class: type = None  # set by subclasses
+    spec = None  # the model type's registry entry (bytelm.models.registry.ModelSpec), set by register()
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -86,34 +91,28 @@ class ByteLM(nn.Module):
     def bits_per_byte(loss_nats: float) -> float:
         return loss_nats / math.log(2)
 
-    # generation: thin wrappers over bytelm.generate (imported lazily: generate imports this module)
+    # generation: thin wrappers over bytelm.generation
     def generate(self, prompt: bytes | torch.Tensor, max_new_bytes: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  use_cache: bool = True):
         """`bytes` prompt -> the new bytes; LongTensor (B, L) -> (B, L + max_new_bytes). temperature=0 is greedy."""
-        from .generate import generate
-
-        return generate(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, use_cache=use_cache)
+        return generation.generate(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   seed=seed, use_cache=use_cache)
 
     def stream(self, prompt: bytes, max_new_bytes: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None) -> Iterator[bytes]:
-        """Yield each new byte (as a 1-byte `bytes`) as soon as it is sampled."""
-        from .generate import stream
-
-        return stream(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        """An iterator yielding each new byte (as a 1-byte `bytes`) as soon as it is sampled; arguments are checked
+        now, before the first byte."""
+        return generation.stream(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed)
 
     # persistence
     def save_pretrained(self, path: str | Path, **card) -> Path:
         """Write `config.json` + `model.safetensors` + a `README.md` model card to the folder `path` (created if
         needed; atomic per file): a Hugging Face Hub model repository. `card`: name, val_bpb, data, license, ..."""
-        from .checkpoint import save_model
-
-        return save_model(self, path, **card)
+        return persistence.save_model(self, path, **card)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, revision: str | None = None):
         """Load a model folder, a run folder or a hub id (`org/name`, via the local hub cache)."""
-        from .checkpoint import load_model
-
-        return load_model(path, device=device, expect=cls, revision=revision)
+        return persistence.load_model(path, device=device, expect=cls, revision=revision)

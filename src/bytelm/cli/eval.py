@@ -1,0 +1,70 @@
+"""`bytelm eval MODEL`: bits per byte over files, folders, or the split a run trained on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .models import ModelArg, load
+from .options import parse
+
+
+@dataclass
+class EvalArgs:
+    """Bits per byte = summed nats over every byte / (ln 2 * bytes); byte 0 counts. Without --data: the validation
+    split of the data the run (with --adapter: the fine-tune) trained on, or of the embedded corpus. Files named
+    with --data are scored whole unless --split picks a part of the split they make."""
+
+    model: ModelArg = None
+    """a model folder, a training run folder or a hub id (org/name); with --adapter: its base (default: the base
+    the adapter records)"""
+    adapter: str | None = None  # a LoRA adapter folder or fine-tune run folder (or hub id) to use on top of MODEL
+    data: list[str] | None = None  # files or folders to score
+    split: Literal["val", "train", "all"] | None = None
+    """which part of the data's train/validation split to score (default: all of --data; else val)"""
+    mode: Literal["chunked", "sliding", "strided"] = "chunked"
+    """chunked: consecutive windows; sliding: overlapping windows scoring their last --stride bytes; strided: the
+    paper's strided inference (MEGABYTE)"""
+    seq_len: int | None = None  # window length (default: the model's max_seq_len)
+    stride: int | None = None  # for sliding/strided: bytes scored per window (default: seq_len/2)
+    batch_size: int = 8  # windows per forward pass
+    max_bytes: int | None = None  # score only the first N bytes
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    json: bool = False  # print the result as JSON
+
+
+def _run_data_settings(model_path: Path) -> dict[str, Any]:
+    """The data settings of the run a model came from, when it came from one (so eval uses the same split)."""
+    for candidate in (model_path / "run.json", model_path.parent.parent / "run.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()).get("train", {})
+    return {}
+
+
+def main(argv: list[str]) -> int:
+    from ..data import ByteDataset, load_split
+    from ..evaluation import evaluate
+
+    args = parse(EvalArgs, argv, "bytelm eval")
+    model = load(args.model, args.device, args.adapter)
+    run = _run_data_settings(Path(args.adapter or args.model))
+    data = args.data or run.get("data") or None
+    split = args.split or ("all" if args.data else "val")
+    train, val, info = load_split(data, run.get("val_fraction", 0.05), run.get("separator"))
+    if split == "all":
+        dataset = ByteDataset(train.parts + val.parts, separator=train.separator, name="all")
+    else:
+        dataset = val if split == "val" else train
+    res = evaluate(model, dataset, seq_len=args.seq_len, mode=args.mode, stride=args.stride,
+                   batch_size=args.batch_size, max_bytes=args.max_bytes, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(res), "split": split, "data": info}))
+    else:
+        print(f"{split} split of: {info}" if split != "all" else f"all of: {info.split(' (split')[0]}")
+        print(f"bits per byte: {res.bpb:.4f} over {res.bytes:,} bytes ({res.mode}, seq_len {res.seq_len}, "
+              f"stride {res.stride}, {res.seconds:.1f}s)")
+    return 0

@@ -1,0 +1,29 @@
+"""MODEL and --adapter arguments -> a loaded model, as `bytelm eval` and `bytelm generate` take them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import tyro
+from tyro.conf import Positional
+
+from ..errors import UsageError
+
+ModelArg = Annotated[Positional[str | None], tyro.conf.arg(metavar="MODEL")]
+MODEL_HELP = ("a model folder, a training run folder or a hub id (org/name); with --adapter: its base (default: the "
+              "base the adapter records)")
+ADAPTER_HELP = "a LoRA adapter folder or fine-tune run folder (or hub id) to use on top of MODEL"
+
+
+def load(path: str | None, device: str, adapter: str | None = None):
+    from ..devices import resolve_device
+
+    if adapter is not None:
+        from ..finetune import load_adapter
+
+        return load_adapter(adapter, base=path, device=resolve_device(device))
+    if path is None:
+        raise UsageError("name a MODEL (a model folder, a training run folder or a hub id), or an --adapter")
+    from ..models import load_model
+
+    return load_model(path, device=resolve_device(device))

@@ -1,0 +1,56 @@
+"""One error story: every problem that is the user's input, not a bug, is a `BytelmError`.
+
+The CLI prints a `BytelmError` as one line naming the problem and exits with status 2; anything else is a bug and
+keeps its traceback. Each error also subclasses `ValueError`, as bad values in Python do, so `except ValueError`
+still catches them.
+
+    BytelmError
+      ConfigError        a config (model, training, fine-tune) that cannot describe a run: bad value, type, field
+      DataError          unusable data: a missing path, an empty file, a corpus too short for one window
+      CheckpointError    a model folder, run folder or checkpoint that cannot be read or written
+        HubError         a hub id that cannot be resolved, or a push that failed
+        AdapterError     a LoRA setting, adapter folder or base that cannot be used
+      GenerationError    bad generation arguments: prompt, length, sampling settings
+      EvaluationError    bad evaluation arguments: window length, stride, batch size
+      UsageError         a command-line request that cannot be carried out (a file that is a folder, ...)
+"""
+
+
+class BytelmError(ValueError):
+    """A problem with what was asked of bytelm (its input), with a message that names it."""
+
+
+class ConfigError(BytelmError):
+    """A config that cannot describe a model or a run (bad value or type, unknown preset or field)."""
+
+
+class DataError(BytelmError):
+    """Unusable data: a missing path, an empty file or directory, a corpus too short for one window."""
+
+
+class CheckpointError(BytelmError):
+    """A model folder, run folder or checkpoint that cannot be loaded or written, with the reason."""
+
+
+class HubError(CheckpointError):
+    """A hub id that cannot be resolved, or a push that failed, with the reason."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA setting, adapter folder or base that cannot be used, with the reason."""
+
+
+class GenerationError(BytelmError):
+    """Bad generation arguments (prompt type, length, sampling settings)."""
+
+
+class EvaluationError(BytelmError):
+    """Bad evaluation arguments (window length, stride, batch size, data)."""
+
+
+class UsageError(BytelmError):
+    """A command-line request that cannot be carried out as given."""
+
+
+__all__ = ["AdapterError", "BytelmError", "CheckpointError", "ConfigError", "DataError", "EvaluationError",
+           "GenerationError", "HubError", "UsageError"]

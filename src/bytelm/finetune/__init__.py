@@ -1,0 +1,20 @@
+"""LoRA fine-tuning with peft: adapters that know their base (bytelm.finetune.adapters) and the fine-tune trainer
+(bytelm.finetune.trainer). peft is imported only when an adapter is made or loaded."""
+
+from .adapters import (
+    TARGETS,
+    LoraError,
+    apply_lora,
+    attach,
+    load_adapter,
+    merge,
+    read_adapter,
+    save_adapter,
+    target_modules,
+    weights_fingerprint,
+)
+from .trainer import FinetuneConfig, FinetuneTrainer, finetune
+
+__all__ = ["TARGETS", "FinetuneConfig", "FinetuneTrainer", "LoraError", "apply_lora", "attach", "finetune",
+           "load_adapter", "merge", "read_adapter", "save_adapter", "target_modules",
+           "weights_fingerprint"]

@@ -1,0 +1,65 @@
+"""Models to and from folders: `save_model` writes a model folder (weights, model card, config last), `load_model`
+rebuilds the right class from a model folder, a run folder's latest checkpoint or a hub id, strictly (a missing,
+extra or misshapen weight is an error naming it, never silently skipped)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..devices import resolve_device
+from ..errors import CheckpointError, ConfigError
+from ..hub import resolve, write_model_card
+from ..io import WEIGHTS_NAME, load_state_strict, read_model_config, read_weights, write_model_files
+from . import registry
+
+if TYPE_CHECKING:
+    from .base import ByteLM
+
+
+def save_model(model: ByteLM, path: str | Path, **card) -> Path:
+    """Write weights, model card and config (last) into the folder `path`. `card`: what the model card should say
+    beyond the config (name, val_bpb, data, step, base_model, license; see bytelm.hub.model_card)."""
+    path = Path(path)
+    state = model.state_dict()
+    if any(".lora_A." in k for k in state):
+        raise CheckpointError("this model carries LoRA adapters: save the adapter (bytelm.finetune.save_adapter), or "
+                              "merge them in first (bytelm.load_adapter(..., merge=True), `bytelm merge`)")
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder")
+    spec = registry.get_spec(model.config.model_type)
+    path.mkdir(parents=True, exist_ok=True)
+    write_model_card(path, model.config.to_dict(), model.num_params(), description=spec.description,
+                     tags=spec.tags, **card)
+    return write_model_files(path, state, model.config.to_dict())
+
+
+def read_config(path: str | Path, revision: str | None = None):
+    """The model config of a model folder, run folder or hub id, without loading weights."""
+    folder = resolve(path, revision)
+    cfg_file = folder / "config.json"
+    d = read_model_config(folder)
+    try:
+        return registry.config_from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, expect: type | None = None,
+               revision: str | None = None) -> ByteLM:
+    """Load a model folder, run folder or hub id (`revision`: a branch, tag or commit of a hub model) as the class
+    its config names, in eval mode; `expect` (a ByteLM subclass) refuses a folder holding another model type."""
+    folder = resolve(path, revision)
+    config = read_config(folder)
+    cls = registry.get_spec(config.model_type).model_class
+    if expect is not None and not issubclass(cls, expect):
+        raise CheckpointError(f"{folder} holds a {config.model_type!r} model ({cls.__name__}), not a "
+                              f"{expect.__name__}; use bytelm.load() to load whatever a folder holds")
+    state = read_weights(folder / WEIGHTS_NAME)
+    model = cls(config)
+    load_state_strict(model, state, str(folder / WEIGHTS_NAME))
+    if device is not None:
+        model.to(resolve_device(device))
+    return model.eval()

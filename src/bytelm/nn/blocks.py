@@ -1,0 +1,71 @@
+"""Transformer blocks shared by MEGABYTE's global and local models and the byte transformer baseline: pre-norm
+(GPT-2 style), optional rotary positions, and a preallocated KV cache per layer for incremental decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention, KVCache, dropout_active
+from .rotary import rope_tables
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout that is off under `torch.inference_mode()` whatever the training flag (see `dropout_active`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, dropout_active(self), self.inplace) if self.p > 0 else x
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, bias=bias)
+        self.attn = Attention(dim, heads, bias, dropout)
+        self.norm2 = nn.LayerNorm(dim, bias=bias)
+        self.mlp = MLP(dim, int(mlp_ratio * dim), bias)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class TransformerStack(nn.Module):
+    """`layers` pre-norm blocks and a final norm over sequences of up to `max_pos` positions.
+
+    Used three times: MEGABYTE's global model (over patches), its local model (over the bytes of one patch) and the
+    byte transformer baseline (over bytes). `forward(x, caches, pos)` runs positions pos..pos+T-1.
+    """
+
+    def __init__(self, dim, layers, heads, mlp_ratio, bias, dropout, max_pos, rope: bool, rope_base: float) -> None:
+        super().__init__()
+        self.dim, self.heads, self.max_pos = dim, heads, max_pos
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, bias, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim, bias=bias)
+        self.use_rope = rope
+        if rope:  # not saved: derived from the config
+            cos, sin = rope_tables(max_pos, dim // heads, rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.use_rope else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, caches[i] if caches is not None else None, pos)
+        return self.norm(x)
+
+    def new_caches(self, batch: int, max_len: int, device, dtype) -> list[KVCache]:
+        return [KVCache(batch, self.heads, max_len, self.dim // self.heads, device, dtype) for _ in self.blocks]

@@ -1,0 +1,83 @@
+"""The settings of a training run, as one typed dataclass: `bytelm train` exposes each field as a flag (its comment
+is the flag's help), `run.json` records them, `--config FILE` reads them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..models.registry import config_class, model_types
+from ..typedconfig import TypedConfig
+
+
+@dataclass
+class TrainConfig(TypedConfig):
+    """Everything a run needs; `bytelm train` exposes each field as a flag (--max-steps, --batch-size, ...)."""
+
+    model_type: str = "megabyte"  # megabyte | transformer
+    preset: str = "small"  # a named preset of that model type
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of model config fields
+    data: list[str] = field(default_factory=list)  # files/folders; empty: the Python standard library's source
+    val_fraction: float = 0.05  # share of the data held out for validation
+    separator: int | None = None  # byte joining documents; None: plain concatenation
+    out_dir: str = ""  # run folder; empty: runs/<model_type>-<preset>
+    seq_len: int = 0  # 0: the model's max_seq_len
+    batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * processes
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 600  # also the length of the cosine schedule
+    time_budget: float = 0.0  # seconds of training before stopping early; 0: none
+    lr: float = 2e-3  # peak learning rate (small models take a high one)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay of matrices and embeddings
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # 0: no clipping
+    seed: int = 1337  # model init and data order
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (long sequences)
+    log_interval: int = 10  # steps between log lines
+    eval_interval: int = 100  # steps between validation estimates
+    eval_batches: int = 8  # batches per validation estimate
+    save_interval: int = 100  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    sample_bytes: int = 256  # printed after training; 0: no sample
+    sample_prompt: str = "def "  # the sample's prompt
+
+    _kind: ClassVar[str] = "train"  # names the config in its errors
+
+    def __post_init__(self) -> None:
+        for ok, msg in self._checks():
+            if not ok:
+                raise ConfigError(f"{self._kind} config: {msg}")
+        if not self.out_dir:
+            self.out_dir = self._default_out_dir()
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [(self.model_type in model_types(), f"model_type must be one of {model_types()}"),
+                *self._schedule_checks()]
+
+    def _default_out_dir(self) -> str:
+        return f"runs/{self.model_type}-{self.preset}"
+
+    def _schedule_checks(self) -> list[tuple[bool, str]]:
+        """The checks every run shares, a fine-tune too (bytelm.finetune.FinetuneConfig)."""
+        return [
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.seq_len >= 0, "seq_len must be >= 0"),
+            (self.time_budget >= 0, "time_budget must be >= 0"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
+            (min(self.log_interval, self.eval_interval, self.save_interval, self.eval_batches,
+                 self.keep_checkpoints) >= 1,
+             "log_interval, eval_interval, save_interval, eval_batches and keep_checkpoints must be >= 1"),
+        ]
+
+    def model_config(self):
+        return config_class(self.model_type).from_name(self.preset, **self.model)
