@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     train, val, info = load_split(data, run.get("val_fraction", 0.05), run.get("separator"))
     if split == "all":
         dataset = ByteDataset(train.parts + val.parts, separator=train.separator, name="all")
+        info = f"{', '.join(map(str, data)) if data else 'the embedded corpus'} ({len(dataset):,} bytes)"
     else:
         dataset = val if split == "val" else train
     res = evaluate(model, dataset, seq_len=args.seq_len, mode=args.mode, stride=args.stride,
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps({**dataclasses.asdict(res), "split": split, "data": info}))
     else:
-        print(f"{split} split of: {info}" if split != "all" else f"all of: {info.split(' (split')[0]}")
+        print(f"{split} split of: {info}" if split != "all" else f"all of: {info}")
         print(f"bits per byte: {res.bpb:.4f} over {res.bytes:,} bytes ({res.mode}, seq_len {res.seq_len}, "
               f"stride {res.stride}, {res.seconds:.1f}s)")
     return 0

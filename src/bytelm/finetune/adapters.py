@@ -42,8 +42,8 @@ from ..io import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_INFO_NAME,
     ADAPTER_WEIGHTS_NAME,
+    finish_folder,
     fsync_dir,
-    fsync_tree,
     read_adapter_folder,
     read_weights,
     recorded_base,
@@ -126,7 +126,7 @@ def save_adapter(peft_model, folder: str | Path, base_config, base: str | None, 
         write_model_card(tmp, base_config.to_dict(), base_params, description=spec.description, tags=spec.tags,
                          base_model=base, **card,
                          adapter={"target": lora.target_modules, "rank": lora.r, "trainable": trainable})
-        fsync_tree(tmp)
+        finish_folder(tmp)
         for f in (ADAPTER_WEIGHTS_NAME, ADAPTER_INFO_NAME, "README.md", ADAPTER_CONFIG_NAME):  # the config last
             os.replace(Path(tmp, f), folder / f)
     fsync_dir(folder)

@@ -32,13 +32,30 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(folder: str | Path) -> None:
-    """fsync every file in a folder (not recursive), then the folder itself."""
+def finish_folder(folder: str | Path) -> None:
+    """Give every file in a folder (not recursive) the umask's permissions and fsync it, then fsync the folder:
+    for folders filled by other writers (safetensors, peft) before they are renamed into place."""
     folder = Path(folder)
+    mode = 0o666 & ~current_umask()
     for p in folder.iterdir():
         if p.is_file():
+            os.chmod(p, mode)
             fsync_file(p)
     fsync_dir(folder)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells (/proc), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def temp_path(path: Path) -> Path:
@@ -54,6 +71,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     tmp = temp_path(path)
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # writers may create 0600 files (safetensors does)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

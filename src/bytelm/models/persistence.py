@@ -5,7 +5,6 @@ extra or misshapen weight is an error naming it, never silently skipped)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,13 +14,10 @@ from ..hub import resolve, write_model_card
 from ..io import WEIGHTS_NAME, load_state_strict, read_model_config, read_weights, write_model_files
 from . import registry
 
-if TYPE_CHECKING:
-    from .base import ByteLM
 
-
-def save_model(model: ByteLM, path: str | Path, **card) -> Path:
-    """Write weights, model card and config (last) into the folder `path`. `card`: what the model card should say
-    beyond the config (name, val_bpb, data, step, base_model, license; see bytelm.hub.model_card)."""
+def save_model(model: torch.nn.Module, path: str | Path, **card) -> Path:
+    """Write a ByteLM's weights, model card and config (last) into the folder `path`. `card`: what the model card
+    should say beyond the config (name, val_bpb, data, step, base_model, license; see bytelm.hub.model_card)."""
     path = Path(path)
     state = model.state_dict()
     if any(".lora_A." in k for k in state):
@@ -48,9 +44,9 @@ def read_config(path: str | Path, revision: str | None = None):
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None, expect: type | None = None,
-               revision: str | None = None) -> ByteLM:
-    """Load a model folder, run folder or hub id (`revision`: a branch, tag or commit of a hub model) as the class
-    its config names, in eval mode; `expect` (a ByteLM subclass) refuses a folder holding another model type."""
+               revision: str | None = None) -> torch.nn.Module:
+    """Load a model folder, run folder or hub id (`revision`: a branch, tag or commit of a hub model) as the ByteLM
+    class its config names, in eval mode; `expect` (a ByteLM subclass) refuses a folder holding another model type."""
     folder = resolve(path, revision)
     config = read_config(folder)
     cls = registry.get_spec(config.model_type).model_class

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..io import atomic_write_text, fsync_dir, fsync_tree, latest_checkpoint, read_json_object, read_weights
+from ..io import atomic_write_text, finish_folder, fsync_dir, latest_checkpoint, read_json_object, read_weights
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -38,7 +38,7 @@ def write_checkpoint(root: Path, step: int, write_weights: Callable[[Path], None
     write_weights(tmp)
     save_file(tensors, tmp / OPTIMIZER_NAME)
     (tmp / STATE_NAME).write_text(json.dumps(state))
-    fsync_tree(tmp)
+    finish_folder(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(root)
