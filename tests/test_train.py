@@ -1,5 +1,6 @@
 """Training: loss goes down on real data, exact resume, atomic checkpoints, data parallel equals one process."""
 
+import csv
 import json
 import os
 import shutil
@@ -44,6 +45,36 @@ def test_lr_schedule():
     assert lr_at(60, cfg) == pytest.approx(0.55)
     assert lr_at(110, cfg) == pytest.approx(0.1)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 120))
+
+
+def test_lr_schedule_ends_with_the_time_budget():
+    # 100 s of budget with room for 10,000 steps: the time budget ends first, so the cosine follows the clock
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=10_000, min_lr_ratio=0.1, time_budget=100)
+    assert lr_at(20, cfg, elapsed=50.0) == pytest.approx(0.55)
+    assert lr_at(30, cfg, elapsed=100.0) == pytest.approx(0.1)
+    assert lr_at(5, cfg, elapsed=99.0) == pytest.approx(0.6)  # warm-up is warm-up
+    # steps end first: steps lead
+    assert lr_at(10_000, cfg, elapsed=1.0) == pytest.approx(0.1)
+
+
+def test_wsd_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    assert [lr_at(s, cfg) for s in (10, 50, 90)] == [1.0, 1.0, 1.0]  # stable until 80% of the way
+    assert lr_at(100, cfg) == pytest.approx(0.5) and lr_at(110, cfg) == pytest.approx(0.0)
+    timed = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10_000, min_lr_ratio=0.0, schedule="wsd", time_budget=10)
+    assert lr_at(50, timed, elapsed=9.0) == pytest.approx(0.5)
+    with pytest.raises(bytelm.ConfigError, match="schedule must be one of cosine, wsd"):
+        TrainConfig(schedule="linear")
+
+
+def test_a_time_budgeted_run_ends_with_its_learning_rate_decayed(tmp_path, code_dir):
+    cfg = tiny_cfg(tmp_path, code_dir, max_steps=100_000, warmup_steps=2, time_budget=3.0, log_interval=1,
+                   eval_interval=100_000, save_interval=100_000, lr=1e-3, min_lr_ratio=0.1)
+    Trainer(cfg, log=lambda *_: None).run()
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["split"] == "train"]
+    lrs = [float(r["lr"]) for r in rows]
+    assert len(lrs) > 10 and lrs[-1] < 1.3e-4  # ~min_lr at the end of the budget (one step's worth of time above)
+    assert lrs[len(lrs) // 2] > 4e-4  # half way through, half way down the cosine (not at its start or end)
 
 
 def test_loss_goes_down_on_real_code(tmp_path, code_dir):

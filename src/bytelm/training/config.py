@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from ..errors import ConfigError
 from ..models.registry import config_class, model_types
 from ..typedconfig import TypedConfig
+from .schedule import SCHEDULES
 
 
 @dataclass
@@ -25,10 +26,12 @@ class TrainConfig(TypedConfig):
     seq_len: int = 0  # 0: the model's max_seq_len
     batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * processes
     grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 600  # also the length of the cosine schedule
-    time_budget: float = 0.0  # seconds of training before stopping early; 0: none
+    max_steps: int = 600  # the run's length in steps (and its schedule's, unless the time budget ends first)
+    time_budget: float = 0.0  # seconds of training; the schedule ends with it when it ends first; 0: none
     lr: float = 2e-3  # peak learning rate (small models take a high one)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay); either ends with max_steps or the time budget
+    decay_fraction: float = 0.2  # wsd: the share of the run spent decaying
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warm-up from 0 to lr
     weight_decay: float = 0.1  # AdamW decay of matrices and embeddings
     beta1: float = 0.9  # AdamW beta1
@@ -73,6 +76,8 @@ class TrainConfig(TypedConfig):
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio in [0, 1]"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
             (min(self.log_interval, self.eval_interval, self.save_interval, self.eval_batches,
                  self.keep_checkpoints) >= 1,

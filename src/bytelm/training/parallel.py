@@ -50,6 +50,14 @@ class ParallelEnv:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def shared(self, value: float) -> float:
+        """Rank 0's value for every process (a wall-clock reading that must not differ between ranks)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return float(t.item())
+
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()

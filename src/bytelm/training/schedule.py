@@ -1,14 +1,39 @@
-"""Learning-rate schedules."""
+"""Learning-rate schedules, over steps or over a time budget, whichever ends first.
+
+A run ends at `max_steps` or when its `time_budget` is spent. The schedule follows whichever is nearer its end,
+so a `--time-budget 5m` run decays its learning rate to the end of its five minutes instead of stopping half way
+down a cosine laid out over `max_steps` (a partly decayed model is a worse one; see Hägele et al. 2024,
+arXiv 2405.18392, on schedules for runs whose length is not known in advance).
+
+    cosine  linear warm-up, then cosine decay to lr * min_lr_ratio at the end
+    wsd     warm-up, stable at lr, then linear decay to lr * min_lr_ratio over the last `decay_fraction` of the run
+            (warmup-stable-decay; Hu et al. 2024, arXiv 2404.06395)
+"""
 
 from __future__ import annotations
 
 import math
 
+SCHEDULES = ("cosine", "wsd")
 
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+
+def progress(step: int, cfg, elapsed: float = 0.0) -> float:
+    """How far past warm-up the run is, in [0, 1]: by steps, or by time when the time budget is nearer its end."""
+    p = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.time_budget > 0:
+        p = max(p, elapsed / cfg.time_budget)
+    return min(1.0, max(0.0, p))
+
+
+def lr_at(step: int, cfg, elapsed: float = 0.0) -> float:
+    """The learning rate for optimizer step `step`, `elapsed` seconds into the run (see the module docstring)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    p = progress(step, cfg, elapsed)
     min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+    if getattr(cfg, "schedule", "cosine") == "wsd":
+        stable_until = 1.0 - cfg.decay_fraction
+        if p <= stable_until:
+            return cfg.lr
+        return min_lr + (cfg.lr - min_lr) * (1.0 - p) / max(cfg.decay_fraction, 1e-12)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * p))

@@ -205,7 +205,8 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (nats/byte) on this process."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
+        elapsed = self.env.shared(self.elapsed) if cfg.time_budget > 0 else self.elapsed  # one lr on every rank
+        lr = lr_at(self.step, cfg, elapsed)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         total = 0.0
@@ -240,6 +241,7 @@ class Trainer:
         t_start, elapsed0 = time.perf_counter(), self.elapsed
         val = None
         while self.step < stop:
+            self.elapsed = elapsed0 + time.perf_counter() - t_start  # what the step's learning rate follows
             losses.append(self.train_step())
             self.elapsed = elapsed0 + time.perf_counter() - t_start
             bar.update(1)
