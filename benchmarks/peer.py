@@ -1,7 +1,10 @@
-"""The `megabyte-pytorch` package (PyPI `MEGABYTE-pytorch`, lucidrains) at a bytelm MEGABYTE shape, read with our
-conventions so that every number about it is measured the same way as ours.
+"""The peers, `megabyte-pytorch` (PyPI `MEGABYTE-pytorch`, lucidrains) and `mblm` (PyPI, IBM Research: a multi-scale
+generalisation of megabyte-pytorch with Transformer or Mamba stages), at a bytelm MEGABYTE shape, read with our
+conventions so that every number about them is measured the same way as ours.
 
-    pip install -e ".[bench]"     # installs MEGABYTE-pytorch==0.3.6 (install torch first)
+    pip install -e ".[bench]"     # installs MEGABYTE-pytorch==0.3.6 and mblm==0.4.2 (install torch first)
+
+megabyte-pytorch:
 
 - Shape: same P, global width/depth/heads, local width/depth/heads, MLP ratio 4. The package takes one `heads` and
   `dim_head` for both stages, so the local stage is rebuilt with its own heads (its own `Transformer` class).
@@ -10,6 +13,12 @@ conventions so that every number about it is measured the same way as ours.
   predicting ids[:, t] from ids[:, :t], every byte counted; its own loss would skip byte value 0 (`pad_id`).
 - Generation: its `generate` recomputes the full forward for every new byte (no KV cache), samples with top-k and
   Gumbel noise, and always fills its whole `max_seq_len`. `peer_generate` runs the same loop, greedy, for n bytes.
+
+mblm: two Transformer stages (global, local) of our widths, depths and heads, rotary attention in each stage (as
+our default), MLP ratio as ours, F.scaled_dot_product_attention. Its logits align like megabyte-pytorch's: the
+first patch's start-token logits predict byte 0 (what its own loss uses; `mblm_logits` reads them off its output
+layer) and logits[:, t] of its LOGITS output predicts byte t + 1. With sequences a multiple of P its pad
+id never occurs.
 """
 
 from __future__ import annotations
@@ -75,3 +84,53 @@ def peer_generate(m, prompt: torch.Tensor, n: int, on_byte=None) -> torch.Tensor
             on_byte()
         seq = torch.cat((seq, nxt[:, None]), dim=1)
     return seq
+
+
+def mblm_available() -> bool:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # "Failed to import Mamba2": only its Mamba blocks need mamba_ssm
+            warnings.simplefilter("ignore")
+            import mblm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_mblm(cfg: MegabyteConfig, seq_len: int) -> torch.nn.Module:
+    """mblm's two-stage Transformer MBLM with our config's shape, holding sequences of up to `seq_len` bytes."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # "Failed to import Mamba2": only its Mamba blocks need mamba_ssm
+            warnings.simplefilter("ignore")
+            from mblm import MBLM, MBLMModelConfig
+            from mblm.model.transformer import TransformerBlock
+    except ImportError as e:
+        raise SystemExit("the peer benchmarks need mblm: pip install -e '.[bench]'") from e
+
+    def stage(dim: int, heads: int):
+        return TransformerBlock(attn_head_dims=dim // heads, attn_num_heads=heads, attn_use_rot_embs=True,
+                                ff_multiplier=int(cfg.mlp_ratio), use_flash_attn=True, pos_emb_type=None)
+
+    P = cfg.patch_size
+    return MBLM(MBLMModelConfig(
+        num_tokens=256, pad_token_id=0, hidden_dims=[cfg.global_dim, cfg.local_dim],
+        num_layers=[cfg.global_layers, cfg.local_layers], seq_lens=[-(-seq_len // P), P],
+        train_checkpoint_chunks=None,
+        block=[stage(cfg.global_dim, cfg.global_heads), stage(cfg.local_dim, cfg.local_heads)]))
+
+
+def mblm_logits(m, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) bytes -> (B, T, 256) logits in bytelm's convention: logits[:, t] predicts x[:, t] from x[:, :t]."""
+    from mblm import MBLMReturnType
+
+    seen, head = [], m.to_logits
+    head.forward = lambda h: seen.append(type(head).forward(head, h)) or seen[-1]  # it calls .forward: no hooks
+    try:
+        shifted = m(x, return_type=MBLMReturnType.LOGITS)  # (B, T, 256): shifted[:, t] predicts x[:, t + 1]
+    finally:
+        del head.forward
+    first = seen[-1][:, 0, :1]  # (B, 1, 256): all logits are (B, K, 1 + P, 256); patch 0's start token's
+    return torch.cat((first, shifted[:, :-1]), dim=1)

@@ -1,5 +1,6 @@
-"""Quality at equal compute: bytelm MEGABYTE, the bytelm byte transformer of equal parameters, and megabyte-pytorch at
-MEGABYTE's shape, each trained for the same wall-clock time on the same corpus, then scored on the same held-out bytes.
+"""Quality at equal compute: bytelm MEGABYTE, the bytelm byte transformer of equal parameters, and megabyte-pytorch
+and mblm at MEGABYTE's shape, each trained for the same wall-clock time on the same corpus, then scored on the same
+held-out bytes.
 
     python -m benchmarks.quality --suite quick|full|smoke
 
@@ -75,6 +76,9 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
     if peer_mod.available():
         contenders.append(Contender("megabyte-pytorch", peer_mod.build_peer(suite.megabyte, suite.quality_seq_len),
                                     peer_mod.peer_logits, suite, train))
+    if peer_mod.mblm_available():
+        contenders.append(Contender("mblm", peer_mod.build_mblm(suite.megabyte, suite.quality_seq_len),
+                                    peer_mod.mblm_logits, suite, train))
     while True:
         todo = [c for c in contenders if c.elapsed < suite.quality_seconds]
         if not todo:

@@ -32,6 +32,9 @@ def contenders(suite: suites.Suite, seq_len: int) -> dict[str, tuple[torch.nn.Mo
     if peer_mod.available():
         out["megabyte-pytorch"] = (peer_mod.build_peer(suite.megabyte, seq_len),
                                    lambda m, x: byte_loss(peer_mod.peer_logits(m, x), x))
+    if peer_mod.mblm_available():
+        out["mblm"] = (peer_mod.build_mblm(suite.megabyte, seq_len),
+                       lambda m, x: byte_loss(peer_mod.mblm_logits(m, x), x))
     return out
 
 
@@ -68,6 +71,8 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
                "megabyte_vs_transformer": bps["bytelm MEGABYTE"] / bps["bytelm ByteTransformer"]}
     if "megabyte-pytorch" in bps:
         payload["megabyte_vs_peer"] = bps["bytelm MEGABYTE"] / bps["megabyte-pytorch"]
+    if "mblm" in bps:
+        payload["megabyte_vs_mblm"] = bps["bytelm MEGABYTE"] / bps["mblm"]
     write("training", payload, markdown(payload), out_dir)
     return payload
 
@@ -80,6 +85,8 @@ def markdown(p: dict) -> str:
     lines += ["", f"- MEGABYTE vs. the byte transformer of equal parameters: **{p['megabyte_vs_transformer']:.2f}x**."]
     if "megabyte_vs_peer" in p:
         lines.append(f"- bytelm MEGABYTE vs. megabyte-pytorch at the same shape: **{p['megabyte_vs_peer']:.2f}x**.")
+    if "megabyte_vs_mblm" in p:
+        lines.append(f"- bytelm MEGABYTE vs. mblm at the same shape: **{p['megabyte_vs_mblm']:.2f}x**.")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import common, peer, suites
 from benchmarks import run as bench_run
-from bytelm.models import byte_loss
+from bytelm.models import Megabyte, byte_loss
 
 needs_peer = pytest.mark.skipif(not peer.available(), reason="megabyte-pytorch not installed (pip install '.[bench]')")
 
@@ -64,7 +64,6 @@ def test_fit_exponent_recovers_a_power_law():
 @needs_peer
 def test_peer_matches_our_shape_within_five_percent():
     cfg = suites.get("full").megabyte
-    from bytelm import Megabyte
 
     with torch.device("meta"):
         ours, theirs = Megabyte(cfg), peer.build_peer(cfg, cfg.max_seq_len)
@@ -85,6 +84,26 @@ def test_peer_logits_are_its_own_loss_and_causal():
         y = x.clone()
         y[:, k] = (y[:, k] + 1) % 256
         changed = peer.peer_logits(m, y)
+    torch.testing.assert_close(changed[:, : k + 1], logits[:, : k + 1])
+    assert not torch.allclose(changed[:, k + 1 :], logits[:, k + 1 :])
+
+
+@pytest.mark.skipif(not peer.mblm_available(), reason="mblm not installed (pip install '.[bench]')")
+def test_mblm_logits_are_its_own_loss_and_causal():
+    from mblm import MBLMReturnType
+
+    torch.manual_seed(0)
+    cfg = suites.get("smoke").megabyte
+    m = peer.build_mblm(cfg, 64).eval()
+    assert abs(sum(p.numel() for p in m.parameters()) / Megabyte(cfg).num_params() - 1) < 0.25
+    x = torch.randint(1, 256, (2, 64))  # no byte 0: its own loss skips the pad id (0)
+    with torch.no_grad():
+        logits = peer.mblm_logits(m, x)
+        assert byte_loss(logits, x).item() == pytest.approx(m(x, return_type=MBLMReturnType.LOSS).item(), rel=1e-5)
+        k = 21
+        y = x.clone()
+        y[:, k] = (y[:, k] + 1) % 256
+        changed = peer.mblm_logits(m, y)
     torch.testing.assert_close(changed[:, : k + 1], logits[:, : k + 1])
     assert not torch.allclose(changed[:, k + 1 :], logits[:, k + 1 :])
 
