@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bytelm
-from bytelm import ByteTransformer, CheckpointError, Megabyte
+from bytelm import ByteTransformer, CheckpointError, Megabyte, MegabyteConfig
 
 
 def test_round_trip_gives_identical_logits(model, tmp_path):
@@ -78,3 +78,17 @@ def test_save_overwrites_atomically(megabyte, tmp_path):
     megabyte.save_pretrained(tmp_path)  # again, over the first
     # no temp files left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_a_config_saved_before_a_field_existed_keeps_its_design(tmp_path):
+    # bytelm 0.1.0 wrote no local_context / local_norms: its MEGABYTE was the paper's local model
+    paper = MegabyteConfig.from_name("tiny", local_context=0, local_norms=False)
+    torch.manual_seed(0)
+    Megabyte(paper).save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    del cfg["local_context"], cfg["local_norms"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**cfg, "bytelm_version": "0.1.0"}))
+    assert bytelm.load(tmp_path / "old").config == paper  # and its weights load strictly
+    # a config of this version without them (hand-written) gets today's defaults
+    fresh = MegabyteConfig.from_dict({**cfg, "bytelm_version": bytelm.__version__})
+    assert fresh.local_context == fresh.patch_size and fresh.local_norms

@@ -26,6 +26,8 @@ class ModelConfig(TypedConfig):
 
     model_type: ClassVar[str] = ""
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # field -> (the version that added it, its value for a config.json written before then: the design it had)
+    added_fields: ClassVar[dict[str, tuple[str, Any]]] = {}
 
     @classmethod
     def kind(cls) -> str:
@@ -46,7 +48,11 @@ class ModelConfig(TypedConfig):
         mt = d.pop("model_type", cls.model_type)
         if mt != cls.model_type:
             raise ConfigError(f"config is for model_type {mt!r}, not {cls.model_type!r}")
-        d.pop("bytelm_version", None)
+        written_by = d.pop("bytelm_version", None)
+        if isinstance(written_by, str):  # a saved config: fields it predates keep the design it was written with
+            for name, (added_in, value) in cls.added_fields.items():
+                if name not in d and _version_tuple(written_by) < _version_tuple(added_in):
+                    d[name] = value
         return cls(**cls.checked_fields(d))
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +67,10 @@ class ModelConfig(TypedConfig):
         self._check(self.pos_emb in POS_EMB_CHOICES, f"pos_emb must be one of {POS_EMB_CHOICES}, got {self.pos_emb!r}")
         self._check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         self._check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split(".")[:3] if p.isdigit())
 
 
 def _check_stack(cfg: ModelConfig, prefix: str, dim: int, layers: int, heads: int) -> None:
@@ -90,10 +100,21 @@ class MegabyteConfig(ModelConfig):
     pos_emb: str = "rope"  # "rope": rotary over patches (global) and bytes (local); "learned": the paper's tables
     rope_base: float = 10000.0
     bias: bool = False  # biases in Linear and LayerNorm (OPT/GPT-2 had them; modern recipes drop them)
+    # W: bytes of the previous patch the local model also reads (cross-patch attention, the paper's section 2);
+    # None: one patch (P); 0: the paper's local model (a patch's first byte from the global model alone)
+    local_context: int | None = None
+    local_norms: bool = True  # layer-normalise byte embeddings and global contributions before adding them
+
+    added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
+                                                          "local_norms": ("0.2.0", False)}
 
     def __post_init__(self) -> None:
         self._check_common()
         self._check(self.patch_size >= 1, f"patch_size must be >= 1, got {self.patch_size}")
+        if self.local_context is None:
+            self.local_context = self.patch_size
+        self._check(0 <= self.local_context <= self.max_seq_len,
+                    f"local_context must be in 0..max_seq_len, got {self.local_context}")
         self._check(
             self.global_dim % self.patch_size == 0,
             f"global_dim ({self.global_dim}) must be a multiple of patch_size ({self.patch_size}): "
@@ -136,7 +157,8 @@ class TransformerConfig(ModelConfig):
 # Presets. `tiny` runs a test on CPU in seconds; `small` is the CPU quickstart; `base` a single-GPU model; `paper-*`
 # are the paper's shapes for reference (Yu et al. 2023): Table 9's generation-speed pair, with depths and heads from
 # Table 13 (1.3B global D=2048 L=24 + 218M local D=1024 L=15) and Table 14 (heads: 32 at D=2048, 16 at D=1024).
-# Paper presets use learned positions and biases as the paper did.
+# Paper presets use learned positions, biases and the paper's local model (no cross-patch context, a plain sum at its
+# input), as the paper did.
 MegabyteConfig.presets = {
     "tiny": dict(patch_size=4, max_seq_len=2048, global_dim=64, global_layers=2, global_heads=2,
                  local_dim=32, local_layers=2, local_heads=2),
@@ -145,7 +167,8 @@ MegabyteConfig.presets = {
     "base": dict(patch_size=8, max_seq_len=8192, global_dim=1024, global_layers=12, global_heads=16,
                  local_dim=512, local_layers=4, local_heads=8),
     "paper-1.3b": dict(patch_size=8, max_seq_len=8192, global_dim=2048, global_layers=24, global_heads=32,
-                       local_dim=1024, local_layers=15, local_heads=16, pos_emb="learned", bias=True),
+                       local_dim=1024, local_layers=15, local_heads=16, pos_emb="learned", bias=True,
+                       local_context=0, local_norms=False),
 }
 TransformerConfig.presets = {
     "tiny": dict(max_seq_len=2048, dim=64, layers=2, heads=2),

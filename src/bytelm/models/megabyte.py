@@ -1,17 +1,27 @@
-"""MEGABYTE (Yu et al. 2023, arXiv 2305.07185, section 2).
+"""MEGABYTE (Yu et al. 2023, arXiv 2305.07185, section 2), with the local model's cross-patch context.
 
 Shapes: B batch, T bytes, P patch size, K = ceil(T / P) patches, D_G per-byte global width, G = P * D_G the global
-model's width, D_L the local model's width.
+model's width, D_L the local model's width, W = `local_context`, L = max(W, 1) + P - 1 local positions.
 
     patch embedder   h_embed[t] = E_global[x_t] (+ E_pos[t])                               (B, T, D_G)
                      global input k = E_global_pad for k = 0, else bytes of patch k-1 concatenated  (B, K, G)
     global model     transformer over the K patch vectors                                  (B, K, G)
-    local model      input (k, p) = W_GL(global out k, slice p) + (E_local_pad if p = 0 else E_local[x_{kP+p-1}])
-                     transformer over the P positions of each patch, all patches at once   (B*K, P, D_L)
-                     logits over the 256 byte values                                       (B, T, 256)
+    local model      bytes x_{kP-W} .. x_{kP+P-2} of patch k's window, embedded         (B*K, L, D_L)
+                     (+ at the last P positions: W_GL(global out k, slice p), p = 0..P-1)
+                     transformer over each patch's window, all patches at once         (B*K, L, D_L)
+                     logits of the last P positions over the 256 byte values             (B, T, 256)
 
-The global model sees patch k-1 when predicting patch k, and the local model sees the bytes of patch k before
-position p: so logits[:, t] depends on x[:, :t] only, and byte 0 is predicted from the two pads alone.
+`local_context` W = 0 is the paper's local model exactly: its window is [pad, x_{kP} .. x_{kP+P-2}], so a patch's
+first byte is predicted from the global model alone. W > 0 is the paper's own remedy (section 2, "cross-patch
+attention"): the window starts W bytes into the previous patch, so every byte, a patch's first too, is predicted
+by a local model that has read the bytes right before it; the global contribution is added only where the patch's
+own positions are. With `local_norms` the byte embeddings and the global contribution are each layer-normalised
+before they are added, so neither swamps the other whatever their scales (bytelm's default; see the README's
+"Differences from the paper" for the measurements behind both).
+
+Causality: the global model sees patches < k when predicting patch k, and window position i (byte x_{kP-W+i})
+predicts x_{kP-W+i+1}: logits[:, t] depends on x[:, :t] only, and byte 0 is predicted from the pads alone. Decoding
+runs the global model once per patch; the local window is refilled from the last W bytes at each patch boundary.
 """
 
 from __future__ import annotations
@@ -31,12 +41,13 @@ from .registry import ModelSpec, register
 @dataclass
 class MegabyteState:
     """Decoding state: both models' KV caches and where we are. The global cache holds one entry per patch, the local
-    cache the bytes of the current patch only (it is overwritten from position 0 at every new patch)."""
+    cache the current patch's window only (overwritten from position 0 at every new patch)."""
 
     global_kv: list[KVCache]
     local_kv: list[KVCache]
     patch: torch.Tensor  # (B, P) bytes of the current patch so far
-    ctx: torch.Tensor | None = None  # (B, P, D_L) the global model's contribution to each local position
+    recent: torch.Tensor  # (B, max(W, 1)) the last bytes before the current position (-1: before the sequence)
+    ctx: torch.Tensor | None = None  # (B, P, D_L) the global model's contribution to each patch position
     k: int = 0  # index of the current patch
     r: int = 0  # bytes of the current patch already seen
 
@@ -48,6 +59,9 @@ class Megabyte(ByteLM):
         super().__init__(config)
         c = config
         P, D_G, G, D_L = c.patch_size, c.byte_dim, c.global_dim, c.local_dim
+        W = c.local_context
+        self.window = max(W, 1) + P - 1  # L: local positions per patch
+        self.first = self.window - P  # the window position whose output predicts the patch's first byte
         rope = c.pos_emb == "rope"
         self.global_embed = nn.Embedding(VOCAB_SIZE, D_G)
         # learned: per-byte positions (the paper); rope: rotary over patch index inside the global model
@@ -57,10 +71,13 @@ class Megabyte(ByteLM):
                                              c.max_patches, rope, c.rope_base)
         self.global_to_local = nn.Linear(D_G, D_L, bias=c.bias)  # W^GL, applied to each of the P slices
         self.local_embed = nn.Embedding(VOCAB_SIZE, D_L)
-        self.local_pos = None if rope else nn.Embedding(P, D_L)
-        self.local_pad = nn.Parameter(torch.zeros(D_L))
+        self.local_pos = None if rope else nn.Embedding(self.window, D_L)
+        self.local_pad = nn.Parameter(torch.zeros(D_L))  # a position before the sequence (W = 0: every p = 0)
+        if c.local_norms:
+            self.local_byte_norm = nn.LayerNorm(D_L, bias=c.bias)
+            self.local_ctx_norm = nn.LayerNorm(D_L, bias=c.bias)
         self.local_model = TransformerStack(D_L, c.local_layers, c.local_heads, c.mlp_ratio, c.bias, c.dropout,
-                                            P, rope, c.rope_base)
+                                            self.window, rope, c.rope_base)
         self.lm_head = nn.Linear(D_L, VOCAB_SIZE, bias=False)
         self.drop = Dropout(c.dropout)
         init_weights(self, max(c.global_layers, c.local_layers))
@@ -76,16 +93,36 @@ class Megabyte(ByteLM):
 
     def _to_local(self, g_out: torch.Tensor) -> torch.Tensor:
         """Global outputs (..., G) -> per-position local contributions (..., P, D_L)."""
-        return self.global_to_local(g_out.unflatten(-1, (self.config.patch_size, self.config.byte_dim)))
+        ctx = self.global_to_local(g_out.unflatten(-1, (self.config.patch_size, self.config.byte_dim)))
+        return self.local_ctx_norm(ctx) if self.config.local_norms else ctx
 
-    def _local_in(self, ctx: torch.Tensor, prev: torch.Tensor, start: int) -> torch.Tensor:
-        """ctx (N, n, D_L) for local positions start..start+n-1, prev (N, n) the byte before each (ignored at p=0)."""
-        h = self.local_embed(prev)  # (N, n, D_L)
-        if start == 0:  # position 0 of a patch has no previous byte in it: the learned pad
-            h = torch.cat((self.local_pad.expand(h.shape[0], 1, -1).to(h.dtype), h[:, 1:]), dim=1)
+    def _local_in(self, idx: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
+        """Window positions start..start+n-1 of each patch: their bytes idx (N, n) (-1: the pad) embedded, plus
+        the patch's global contributions ctx (N, P, D_L) at the positions >= self.first.  -> (N, n, D_L)"""
+        n = idx.shape[1]
+        h = self.local_embed(idx.clamp(min=0))  # (N, n, D_L)
+        if start < max(self.config.local_context, 1):  # only these positions can lie before the sequence
+            h = torch.where((idx < 0)[..., None], self.local_pad.to(h.dtype), h)
         if self.local_pos is not None:
-            h = h + self.local_pos(torch.arange(start, start + h.shape[1], device=h.device))
-        return ctx + h
+            h = h + self.local_pos(torch.arange(start, start + n, device=h.device))
+        if self.config.local_norms:
+            h = self.local_byte_norm(h)
+        lo = max(start, self.first)  # the first of these positions that belongs to the patch
+        if lo >= start + n:
+            return h
+        c = ctx[:, lo - self.first : start + n - self.first]
+        return c + h if lo == start else torch.cat((h[:, : lo - start], h[:, lo - start :] + c), dim=1)
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Bytes (B, K*P) -> every patch's window of byte indices (B*K, L), -1 before the sequence (and, in the
+        paper's design, at each window's first position)."""
+        W = self.config.local_context
+        Wp, P = max(W, 1), self.config.patch_size
+        win = F.pad(x, (Wp, 0), value=-1).unfold(1, Wp + P - 1, P)  # (B, K, L): x_{kP-Wp} .. x_{kP+P-2}
+        if W == 0:
+            win = win.clone()
+            win[..., 0] = -1  # the paper: a learned pad, not the previous patch's last byte
+        return win.reshape(-1, win.shape[-1])
 
     # --- training / scoring -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +137,10 @@ class Megabyte(ByteLM):
         # global: pad patch, then patches 0..K-2 (the last patch is never input: nothing after it is predicted)
         g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(x[:, : (K - 1) * P], 0)), dim=1)
         g_out = self.global_model(self.drop(g_in))  # (B, K, G)
-        # local: every patch independently, its bytes shifted right by one inside the patch
+        # local: every patch's window independently; its last P outputs predict the patch
         ctx = self._to_local(g_out).reshape(B * K, P, -1)  # (B*K, P, D_L)
-        prev = torch.roll(x.reshape(B * K, P), shifts=1, dims=1)  # (B*K, P) prev[:, p] = x[:, p-1]; p=0 becomes the pad
-        l_out = self.local_model(self.drop(self._local_in(ctx, prev, 0)))  # (B*K, P, D_L)
+        h = self._local_in(self._windows(x), ctx, 0)  # (B*K, L, D_L)
+        l_out = self.local_model(self.drop(h))[:, self.first :]  # (B*K, P, D_L)
         return self.lm_head(l_out).view(B, K * P, VOCAB_SIZE)[:, :T]
 
     # --- incremental decoding: global model once per patch, local model once per byte ----------------------------
@@ -111,8 +148,9 @@ class Megabyte(ByteLM):
         c, dev, dt = self.config, self.device, self.dtype
         return MegabyteState(
             global_kv=self.global_model.new_caches(batch, -(-max_len // c.patch_size), dev, dt),
-            local_kv=self.local_model.new_caches(batch, c.patch_size, dev, dt),
+            local_kv=self.local_model.new_caches(batch, self.window, dev, dt),
             patch=torch.zeros(batch, c.patch_size, dtype=torch.long, device=dev),
+            recent=torch.full((batch, max(c.local_context, 1)), -1, dtype=torch.long, device=dev),
         )
 
     def _global_step(self, g_in: torch.Tensor, s: MegabyteState, pos: int) -> None:
@@ -120,11 +158,16 @@ class Megabyte(ByteLM):
         g_out = self.global_model(g_in, s.global_kv, pos)  # (B, n, G)
         s.ctx = self._to_local(g_out[:, -1])  # (B, P, D_L)
 
-    def _local_step(self, prev: torch.Tensor, s: MegabyteState, start: int) -> torch.Tensor:
-        """Run the local model on positions start.. of the current patch; return the last position's logits."""
-        n = prev.shape[1]
-        h = self._local_in(s.ctx[:, start : start + n], prev, start)
+    def _local_step(self, idx: torch.Tensor, s: MegabyteState, start: int) -> torch.Tensor:
+        """Run the local model on window positions start.. of the current patch; return the last one's logits."""
+        h = self._local_in(idx, s.ctx, start)
         return self.lm_head(self.local_model(h, s.local_kv, start)[:, -1])  # (B, 256)
+
+    def _window_start(self, s: MegabyteState) -> torch.Tensor:
+        """Byte indices (B, first + 1) of the window positions up to the patch's first prediction."""
+        if self.config.local_context == 0:
+            return s.recent.new_full((s.recent.shape[0], 1), -1)  # the paper: the pad
+        return s.recent
 
     def prefill(self, x: torch.Tensor, s: MegabyteState) -> torch.Tensor:
         B, L = x.shape
@@ -133,20 +176,27 @@ class Megabyte(ByteLM):
         g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(x[:, : k * P], 0)), dim=1)
         self._global_step(g_in, s, 0)  # (B, k+1, G) inputs: pad + patches 0..k-1
         s.k, s.r = k, r
-        cur = x[:, k * P :]  # (B, r)
-        s.patch[:, :r] = cur
-        prev = torch.cat((cur.new_zeros(B, 1), cur), dim=1)  # position 0's "previous byte" is replaced by the pad
-        return self._local_step(prev, s, 0)
+        s.patch[:, :r] = x[:, k * P :]
+        Wp = s.recent.shape[1]
+        padded = F.pad(x, (Wp, 0), value=-1)  # (B, Wp + L)
+        s.recent = padded[:, -Wp:]
+        idx = padded[:, k * P : k * P + Wp + r]  # window positions 0..first + r: x_{kP-Wp} .. x_{kP+r-1}
+        if self.config.local_context == 0:
+            idx = torch.cat((idx.new_full((B, 1), -1), idx[:, 1:]), dim=1)
+        return self._local_step(idx, s, 0)
 
     def decode_step(self, byte: torch.Tensor, s: MegabyteState) -> torch.Tensor:
         P = self.config.patch_size
         s.patch[:, s.r] = byte
         s.r += 1
-        if s.r == P:  # patch complete: one global step for the next patch, then the local model starts over
+        if self.config.local_context > 0:
+            s.recent = torch.cat((s.recent[:, 1:], byte.view(-1, 1)), dim=1)
+        if s.r == P:  # patch complete: one global step for the next patch, then the local window starts over
             s.k += 1
             self._global_step(self._patch_embed(s.patch, (s.k - 1) * P), s, s.k)
             s.r = 0
-        return self._local_step(byte.view(-1, 1), s, s.r)
+            return self._local_step(self._window_start(s), s, 0)
+        return self._local_step(byte.view(-1, 1), s, self.first + s.r)
 
 
 # One Linear layer of a block: attention in and out, MLP in and out (what LoRA adapts; see bytelm.finetune).
