@@ -71,7 +71,9 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
     train, val, split = load_split(None)
     torch.manual_seed(0)
     ours = lambda m, x: m(x)
+    paper = suite.megabyte.replace(local_context=0, local_norms=False)
     contenders = [Contender("bytelm MEGABYTE", Megabyte(suite.megabyte), ours, suite, train),
+                  Contender("bytelm MEGABYTE, the paper's local model", Megabyte(paper), ours, suite, train),
                   Contender("bytelm ByteTransformer", ByteTransformer(suite.transformer_eq), ours, suite, train)]
     if peer_mod.available():
         contenders.append(Contender("megabyte-pytorch", peer_mod.build_peer(suite.megabyte, suite.quality_seq_len),

@@ -91,4 +91,4 @@ def test_a_config_saved_before_a_field_existed_keeps_its_design(tmp_path):
     assert bytelm.load(tmp_path / "old").config == paper  # and its weights load strictly
     # a config of this version without them (hand-written) gets today's defaults
     fresh = MegabyteConfig.from_dict({**cfg, "bytelm_version": bytelm.__version__})
-    assert fresh.local_context == fresh.patch_size and fresh.local_norms
+    assert fresh.local_context == fresh.patch_size // 2 and fresh.local_norms
