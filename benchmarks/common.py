@@ -9,8 +9,11 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+
+from bytelm.training.optim import make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,12 +72,14 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
-    """AdamW as the benchmarks train every contender: betas (0.9, 0.95), decay on matrices and embeddings only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, local: tuple[str, ...] = (),
+          local_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW as the benchmarks train every contender, bytelm's own (bytelm.training.optim.make_optimizer): betas
+    (0.9, 0.95), decay on matrices and embeddings only, and parameter groups whose `lr_scale` is local_lr_scale for
+    the parameters whose names start with a prefix in `local` (a MEGABYTE's local stack), else 1 (the caller
+    multiplies its schedule's rate by each group's lr_scale)."""
+    settings = SimpleNamespace(lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.95, local_lr_scale=local_lr_scale)
+    return make_optimizer(model, settings, {"local": local})
 
 
 def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:

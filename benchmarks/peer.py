@@ -27,6 +27,11 @@ import torch
 
 from bytelm import MegabyteConfig
 
+# Each package's local stack (its local transformer, byte embedding, start token and output head), for the
+# benchmarks' per-stack learning rate: the same parameters as bytelm's models.registry stacks["local"].
+PEER_LOCAL = ("transformers.1.", "token_embs.0.", "start_tokens.1", "to_logits.")
+MBLM_LOCAL = ("stage_models.1.", "token_embs_rev.0.", "start_tokens.1", "to_logits.")
+
 
 def available() -> bool:
     try:

@@ -89,11 +89,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run just these benchmarks")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<suite>)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the CPUs this process may use)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="rebuild summary.md from the results folder's saved JSON (after rerunning one benchmark)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     suite = suites.get(args.suite)
     out = args.out or RESULTS / suite.name
     out.mkdir(parents=True, exist_ok=True)
+    if args.summary_only:
+        results = {name: json.loads((out / f"{name}.json").read_text()) for name in BENCHMARKS}
+        (out / "summary.md").write_text(summary(results, suite, out))
+        print((out / "summary.md").read_text())
+        return results
     results = {}
     for name in args.only or BENCHMARKS:
         t0 = time.perf_counter()

@@ -50,6 +50,7 @@ class Suite:
     quality_seq_len: int = 1024
     quality_batch: int = 8
     quality_lr: float = 2e-3
+    quality_local_lr_scale: float = 2.0  # every MEGABYTE's local stack (bytelm's recipe, given to the peers too)
     quality_eval_windows: int = 128
 
 

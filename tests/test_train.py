@@ -177,3 +177,23 @@ def test_ddp_two_processes_match_one(tmp_path, code_dir):
     torch.manual_seed(1337)  # the trainer's seed: the same initial weights
     start = bytelm.build(a.config)
     assert max((sa[k] - start.state_dict()[k]).abs().max().item() for k in sa) > 1e-3  # it did train
+
+
+def test_local_stack_learns_at_its_own_rate(tmp_path, code_dir):
+    trainer = Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=3.0, max_steps=3), log=lambda *_: None)
+    trainer.run()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for g in trainer.optimizer.param_groups:
+        local = {names[id(p)].startswith(("local_", "lm_head")) for p in g["params"]}
+        assert len(local) == 1  # a group is all local or all global
+        assert g["lr_scale"] == (3.0 if local.pop() else 1.0)
+        assert g["lr"] == pytest.approx(trainer.lr * g["lr_scale"])
+    assert len(trainer.optimizer.param_groups) == 4  # decay or not, local or not
+    transformer = Trainer(tiny_cfg(tmp_path / "t", code_dir, model_type="transformer"), log=lambda *_: None)
+    assert [g["lr_scale"] for g in transformer.optimizer.param_groups] == [1.0, 1.0]  # one stack: one rate
+
+
+def test_resume_with_other_parameter_groups_is_one_clear_error(tmp_path, code_dir):
+    Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=1.0), log=lambda *_: None).run(until_step=4)  # 2 groups
+    with pytest.raises(CheckpointError, match="optimizer state does not fit this run's optimizer"):
+        Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=2.0), resume=True, log=lambda *_: None)  # 4 groups

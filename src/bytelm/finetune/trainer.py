@@ -42,6 +42,7 @@ class FinetuneConfig(TrainConfig):
     lr: float = 1e-3  # peak learning rate (adapters start at zero and take a high one)
     warmup_steps: int = 20
     weight_decay: float = 0.0  # decay would pull the adapters back toward the base; off by default
+    local_lr_scale: float = 1.0  # the local model's adapters learn at this times lr
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [

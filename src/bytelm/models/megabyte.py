@@ -207,4 +207,5 @@ register(ModelSpec(
     lora_targets={"global": rf"global_model\.{_BLOCK_LINEARS}", "local": rf"local_model\.{_BLOCK_LINEARS}",
                   "all": rf"(global_model|local_model)\.{_BLOCK_LINEARS}"},
     description="MEGABYTE (Yu et al. 2023, arXiv 2305.07185)", tags=["megabyte", "byte-level", "tokenizer-free"],
+    stacks={"local": ("local_", "lm_head")},  # the local model, its embeddings and norms, and the output head
 ))

@@ -22,6 +22,8 @@ class ModelSpec:
     description: str  # for model cards: "MEGABYTE (Yu et al. 2023, arXiv 2305.07185)"
     tags: list[str] = field(default_factory=list)  # Hub tags besides "bytelm"
     lora_target_help: dict[str, str] = field(default_factory=dict)  # why a target is missing, e.g. "local"
+    # stack name -> prefixes of its parameters' names, for per-stack learning rates (bytelm.training.optim)
+    stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _SPECS: dict[str, ModelSpec] = {}

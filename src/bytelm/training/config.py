@@ -29,6 +29,7 @@ class TrainConfig(TypedConfig):
     max_steps: int = 600  # the run's length in steps (and its schedule's, unless the time budget ends first)
     time_budget: float = 0.0  # seconds of training; the schedule ends with it when it ends first; 0: none
     lr: float = 2e-3  # peak learning rate (small models take a high one)
+    local_lr_scale: float = 2.0  # MEGABYTE: the local model's (and output head's) learning rate, relative to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay); either ends with max_steps or the time budget
     decay_fraction: float = 0.2  # wsd: the share of the run spent decaying
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
@@ -76,6 +77,7 @@ class TrainConfig(TypedConfig):
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio in [0, 1]"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.local_lr_scale > 0, f"local_lr_scale must be > 0, got {self.local_lr_scale}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),

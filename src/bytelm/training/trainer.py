@@ -34,7 +34,7 @@ from ..data import WindowSampler, load_split
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_write_text, latest_checkpoint
-from ..models import ByteLM, build, byte_loss, load_model, save_model
+from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
 from ..nn import Block
 from . import metrics
 from .checkpointing import read_checkpoint, write_checkpoint
@@ -73,8 +73,9 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model: ByteLM = self.build_model().to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg)  # the parameters that require grad: all, or a LoRA's
-        self.step, self.elapsed, self.bytes_seen = 0, 0.0, 0
+        # the parameters that require grad: all, or a LoRA's; per-stack learning rates from the model type's spec
+        self.optimizer = make_optimizer(self.model, cfg, get_spec(self.model_config.model_type).stacks)
+        self.step, self.elapsed, self.bytes_seen, self.lr = 0, 0.0, 0, 0.0
         self.last_val: tuple[int, float] | None = None  # (step, loss) of the latest validation estimate
         if resume:
             self._load_checkpoint()
@@ -175,7 +176,12 @@ class Trainer:
             raise CheckpointError(f"--resume: {self.out} has no checkpoint to resume from")
         ckpt, tensors, state = found
         self.load_weights(ckpt)
-        self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
+        try:
+            self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
+        except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups", ...
+            raise CheckpointError(f"--resume: {ckpt}'s optimizer state does not fit this run's optimizer ({e}); "
+                                  "was it written with other settings (e.g. local_lr_scale, by bytelm 0.1: 1)?"
+                                  ) from None
         torch.set_rng_state(tensors["rng.torch"])
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.elapsed, self.bytes_seen = state["step"], state["elapsed"], state["bytes_seen"]
@@ -206,9 +212,9 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (nats/byte) on this process."""
         cfg = self.cfg
         elapsed = self.env.shared(self.elapsed) if cfg.time_budget > 0 else self.elapsed  # one lr on every rank
-        lr = lr_at(self.step, cfg, elapsed)
+        lr = self.lr = lr_at(self.step, cfg, elapsed)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         total = 0.0
         for micro in range(cfg.grad_accum):
             x = self.sampler.next_batch().to(self.device, non_blocking=True)
@@ -251,7 +257,7 @@ class Trainer:
                 now = time.perf_counter()
                 loss = sum(losses) / len(losses)
                 bps = (self.bytes_seen - bytes_last) / max(now - t_last, 1e-9)
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = self.lr  # the schedule's rate at the last step (a parameter group may scale it)
                 msg = (f"step {self.step:>6}/{cfg.max_steps} | loss {loss:.4f} | bpb {loss / LN2:.3f} | "
                        f"lr {lr:.2e} | {bps:,.0f} bytes/s | {self.elapsed:,.0f}s")
                 if self.master:
