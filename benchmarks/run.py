@@ -47,6 +47,9 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         if "megabyte-pytorch" in b:
             rows.append(f"| training throughput, same shape (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | "
                         f"megabyte-pytorch: {b['megabyte-pytorch']:,.0f} | **{t['megabyte_vs_peer']:.2f}x** |")
+        if "mblm" in b:
+            rows.append(f"| training throughput, same shape (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | "
+                        f"mblm: {b['mblm']:,.0f} | **{t['megabyte_vs_mblm']:.2f}x** |")
         rows.append(f"| training throughput, equal params (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | ByteTransformer: "
                     f"{b['bytelm ByteTransformer']:,.0f} | **{t['megabyte_vs_transformer']:.2f}x** |")
     lc = results.get("long_context")

@@ -59,7 +59,8 @@ def _base_settings(config_cls, argv: list[str]) -> dict[str, Any]:
 
 
 def parse_run_config(config_cls, args_cls, argv: list[str], prog: str):
-    """(the run config, resume?) from argv over the base settings; every value type-checked."""
+    """(the run config, the parsed options: their .resume) from argv over the base settings, every value
+    type-checked."""
     base = _base_settings(config_cls, argv)
     try:
         checked = config_cls.checked_fields(base)
