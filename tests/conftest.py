@@ -13,6 +13,9 @@ CONFIGS = {
     "megabyte-context1": MegabyteConfig.from_name("tiny", local_context=1, local_norms=False),
     "megabyte-context4": MegabyteConfig.from_name("tiny", local_context=4),  # a whole patch
     "megabyte-context6": MegabyteConfig.from_name("tiny", local_context=6, pos_emb="learned"),  # W > P
+    "megabyte-ctxglobal": MegabyteConfig.from_name("tiny", context_global=True),
+    "megabyte-ctxglobal1": MegabyteConfig.from_name("tiny", local_context=1, context_global=True),
+    "megabyte-ctxglobal6": MegabyteConfig.from_name("tiny", local_context=6, context_global=True, bias=True),
     "transformer-rope": TransformerConfig.from_name("tiny"),
     "transformer-learned": TransformerConfig.from_name("tiny", pos_emb="learned", bias=True),
 }

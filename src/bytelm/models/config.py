@@ -104,9 +104,12 @@ class MegabyteConfig(ModelConfig):
     # None: half a patch (P // 2); 0: the paper's local model (a patch's first byte from the global model alone)
     local_context: int | None = None
     local_norms: bool = True  # layer-normalise byte embeddings and global contributions before adding them
+    # the window's bytes before the patch also get their own patch's global contribution (experimental, off)
+    context_global: bool = False
 
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
-                                                          "local_norms": ("0.2.0", False)}
+                                                          "local_norms": ("0.2.0", False),
+                                                          "context_global": ("0.2.0", False)}
 
     def __post_init__(self) -> None:
         self._check_common()

@@ -14,8 +14,10 @@ model's width, D_L the local model's width, W = `local_context`, L = max(W, 1) +
 `local_context` W = 0 is the paper's local model exactly: its window is [pad, x_{kP} .. x_{kP+P-2}], so a patch's
 first byte is predicted from the global model alone. W > 0 is the paper's own remedy (section 2, "cross-patch
 attention"): the window starts W bytes into the previous patch, so every byte, a patch's first too, is predicted
-by a local model that has read the bytes right before it; the global contribution is added only where the patch's
-own positions are. With `local_norms` the byte embeddings and the global contribution are each layer-normalised
+by a local model that has read the bytes right before it; the global contribution is added at the patch's own
+positions, and with `context_global` at the earlier window positions too, each byte x_t getting the contribution
+for predicting x_{t+1} that it gets in its own patch's window (global output of a patch < k: still causal). With
+`local_norms` the byte embeddings and the global contribution are each layer-normalised
 before they are added, so neither swamps the other whatever their scales (bytelm's default; see the README's
 "Differences from the paper" for the measurements behind both).
 
@@ -47,7 +49,7 @@ class MegabyteState:
     local_kv: list[KVCache]
     patch: torch.Tensor  # (B, P) bytes of the current patch so far
     recent: torch.Tensor  # (B, max(W, 1)) the last bytes before the current position (-1: before the sequence)
-    ctx: torch.Tensor | None = None  # (B, P, D_L) the global model's contribution to each patch position
+    ctx: torch.Tensor | None = None  # (B, C, D_L) global contributions to window positions L-C.. (C = P or L)
     k: int = 0  # index of the current patch
     r: int = 0  # bytes of the current patch already seen
 
@@ -62,6 +64,7 @@ class Megabyte(ByteLM):
         W = c.local_context
         self.window = max(W, 1) + P - 1  # L: local positions per patch
         self.first = self.window - P  # the window position whose output predicts the patch's first byte
+        self.ctx_from = 0 if c.context_global else self.first  # the first window position given a global contribution
         rope = c.pos_emb == "rope"
         self.global_embed = nn.Embedding(VOCAB_SIZE, D_G)
         # learned: per-byte positions (the paper); rope: rotary over patch index inside the global model
@@ -98,7 +101,7 @@ class Megabyte(ByteLM):
 
     def _local_in(self, idx: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
         """Window positions start..start+n-1 of each patch: their bytes idx (N, n) (-1: the pad) embedded, plus
-        the patch's global contributions ctx (N, P, D_L) at the positions >= self.first.  -> (N, n, D_L)"""
+        the global contributions ctx (N, L - ctx_from, D_L) of positions ctx_from..L-1.  -> (N, n, D_L)"""
         n = idx.shape[1]
         h = self.local_embed(idx.clamp(min=0))  # (N, n, D_L)
         if start < max(self.config.local_context, 1):  # only these positions can lie before the sequence
@@ -107,10 +110,10 @@ class Megabyte(ByteLM):
             h = h + self.local_pos(torch.arange(start, start + n, device=h.device))
         if self.config.local_norms:
             h = self.local_byte_norm(h)
-        lo = max(start, self.first)  # the first of these positions that belongs to the patch
+        lo = max(start, self.ctx_from)  # the first of these positions that gets a global contribution
         if lo >= start + n:
             return h
-        c = ctx[:, lo - self.first : start + n - self.first]
+        c = ctx[:, lo - self.ctx_from : start + n - self.ctx_from]
         return c + h if lo == start else torch.cat((h[:, : lo - start], h[:, lo - start :] + c), dim=1)
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +126,15 @@ class Megabyte(ByteLM):
             win = win.clone()
             win[..., 0] = -1  # the paper: a learned pad, not the previous patch's last byte
         return win.reshape(-1, win.shape[-1])
+
+    def _ctx_windows(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Global contributions of every patch (B, K, P, D_L) -> those of each window's positions ctx_from..L-1
+        (B*K, L - ctx_from, D_L): the position holding byte x_t gets the one for predicting x_{t+1}."""
+        B, K, P, D = ctx.shape
+        if not self.config.context_global:
+            return ctx.reshape(B * K, P, D)
+        flat = F.pad(ctx.reshape(B, K * P, D), (0, 0, self.first, 0))  # zeros before the sequence
+        return flat.unfold(1, self.window, P).permute(0, 1, 3, 2).reshape(B * K, self.window, D)
 
     # --- training / scoring -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +150,7 @@ class Megabyte(ByteLM):
         g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(x[:, : (K - 1) * P], 0)), dim=1)
         g_out = self.global_model(self.drop(g_in))  # (B, K, G)
         # local: every patch's window independently; its last P outputs predict the patch
-        ctx = self._to_local(g_out).reshape(B * K, P, -1)  # (B*K, P, D_L)
+        ctx = self._ctx_windows(self._to_local(g_out))  # (B*K, P or L, D_L)
         h = self._local_in(self._windows(x), ctx, 0)  # (B*K, L, D_L)
         l_out = self.local_model(self.drop(h))[:, self.first :]  # (B*K, P, D_L)
         return self.lm_head(l_out).view(B, K * P, VOCAB_SIZE)[:, :T]
@@ -154,9 +166,15 @@ class Megabyte(ByteLM):
         )
 
     def _global_step(self, g_in: torch.Tensor, s: MegabyteState, pos: int) -> None:
-        """Run the global model on patch inputs at positions pos.. and keep the last one's local contributions."""
+        """Run the global model on patch inputs at positions pos.. and keep the current window's contributions."""
         g_out = self.global_model(g_in, s.global_kv, pos)  # (B, n, G)
-        s.ctx = self._to_local(g_out[:, -1])  # (B, P, D_L)
+        if not self.config.context_global:
+            s.ctx = self._to_local(g_out[:, -1])  # (B, P, D_L)
+        elif s.ctx is None:  # prefill: every patch so far, windowed; the current patch's window is the last
+            s.ctx = self._ctx_windows(self._to_local(g_out)).unflatten(0, (g_out.shape[0], -1))[:, -1]
+        else:  # the previous window's last `first` contributions, then the new patch's
+            kept = s.ctx[:, s.ctx.shape[1] - self.first :]  # (B, first, D_L): none when first = 0
+            s.ctx = torch.cat((kept, self._to_local(g_out[:, -1])), dim=1)
 
     def _local_step(self, idx: torch.Tensor, s: MegabyteState, start: int) -> torch.Tensor:
         """Run the local model on window positions start.. of the current patch; return the last one's logits."""
