@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict] = {
     "fullproj-glx": {"fullproj": True, "gl_scale": 1 / math.sqrt(8)},
     "tie": {"tie": True},
     "locallr2": {"local_lr": 2.0},
+    "ctxglobal": {"ctx_global": True},
     "lr4e-3": {"lr": 4e-3},
     "lr3e-3": {"lr": 3e-3},
     "lr6e-3": {"lr": 6e-3},
@@ -149,7 +150,12 @@ class Exp(Megabyte):
             W = self.W
             e = torch.cat((pad.expand(B, W, DL), self.local_embed(x)), dim=1)  # (B, W + KP, DL)
             e = e.unfold(1, W + P - 1, P).permute(0, 1, 3, 2).reshape(B * K, W + P - 1, DL)
-            ctx = torch.cat((ctx.new_zeros(B * K, W - 1, DL), ctx), dim=1)
+            if self.o.get("ctx_global"):  # context bytes get their own patch's contribution (bytelm: context_global)
+                per_patch = ctx.view(B, K, P, DL)
+                prev = torch.cat((per_patch.new_zeros(B, 1, P, DL), per_patch[:, :-1]), dim=1)[:, :, P - W + 1 :]
+                ctx = torch.cat((prev.reshape(B * K, W - 1, DL), ctx), dim=1)
+            else:
+                ctx = torch.cat((ctx.new_zeros(B * K, W - 1, DL), ctx), dim=1)
             out = self.local_model(self._combine(e, ctx))[:, W - 1:]
             logits = self.lm_head(out).view(B, K * P, -1)
         else:  # offset: [pad, x_kP .. x_kP+P-1], ctx slices on positions 1..P; position j predicts x_{kP+j}
@@ -252,6 +258,7 @@ DESC = {
     "lr4e-3": "lr 4e-3",
     "lr6e-3": "lr 6e-3",
 }
+DESC["ctxglobal"] = "the window's earlier bytes also get their own patch's global contribution"
 DESC["ours"] = "bytelm 0.1's MEGABYTE, the paper's design (local position 0 reads a pad)"
 
 

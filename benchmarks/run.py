@@ -27,8 +27,9 @@ BENCHMARKS = {"generation": generation, "training": training, "long_context": lo
 
 
 def summary(results: dict, suite: suites.Suite, out: Path) -> str:
-    """The headline table: one row per claim, ours against the comparison, as a ratio."""
-    m = machine()
+    """The headline table: one row per claim, ours against the comparison, as a ratio. The machine facts are the
+    ones the benchmarks recorded (threads, torch), not this process's."""
+    m = next((r["machine"] for r in results.values() if isinstance(r, dict) and "machine" in r), None) or machine()
     rows = ["| measurement | bytelm MEGABYTE | compared with | ratio |", "|---|---|---|---|"]
     g = results.get("generation")
     if g:
@@ -73,7 +74,8 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         others = "; ".join(f"{n}: {v['val_bpb']:.3f}" for n, v in r.items() if n != "bytelm MEGABYTE")
         rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib) | "
                     f"{r['bytelm MEGABYTE']['val_bpb']:.3f} | {others} | lower is better |")
-    head = (f"Suite `{suite.name}`, {time.strftime('%Y-%m-%d')}: torch {m['torch']}, {m['threads']} threads, "
+    threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
+    head = (f"Suite `{suite.name}`, {time.strftime('%Y-%m-%d')}: torch {m['torch']}, {threads}, "
             f"{m['cpu_count']} CPUs, {m['cuda'] or 'no GPU'}. Details and raw timings: "
             f"{_shown(out)}/*.md, *.json, *.png.")
     return "\n".join([head, "", *rows]) + "\n"
