@@ -104,7 +104,8 @@ class MegabyteConfig(ModelConfig):
     # None: half a patch (P // 2); 0: the paper's local model (a patch's first byte from the global model alone)
     local_context: int | None = None
     local_norms: bool = True  # layer-normalise byte embeddings and global contributions before adding them
-    # the window's bytes before the patch also get their own patch's global contribution (experimental, off)
+    # the window's bytes before the patch also get their own patch's global contribution (experimental, off:
+    # two single-seed measurements disagree on whether it helps; see the README)
     context_global: bool = False
 
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
