@@ -68,8 +68,10 @@ def test_wsd_schedule():
 
 
 def test_a_time_budgeted_run_ends_with_its_learning_rate_decayed(tmp_path, code_dir):
-    cfg = tiny_cfg(tmp_path, code_dir, max_steps=100_000, warmup_steps=2, time_budget=3.0, log_interval=1,
+    # no --max-steps: with a time budget the budget alone ends the run (and its schedule)
+    cfg = tiny_cfg(tmp_path, code_dir, max_steps=0, warmup_steps=2, time_budget=3.0, log_interval=1,
                    eval_interval=100_000, save_interval=100_000, lr=1e-3, min_lr_ratio=0.1)
+    assert cfg.step_limit is None and TrainConfig().step_limit == 600 and TrainConfig(max_steps=7).step_limit == 7
     Trainer(cfg, log=lambda *_: None).run()
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["split"] == "train"]
     lrs = [float(r["lr"]) for r in rows]

@@ -11,6 +11,8 @@ from ..models.registry import config_class, model_types
 from ..typedconfig import TypedConfig
 from .schedule import SCHEDULES
 
+DEFAULT_MAX_STEPS = 600  # a run's length without --max-steps or a time budget
+
 
 @dataclass
 class TrainConfig(TypedConfig):
@@ -26,7 +28,7 @@ class TrainConfig(TypedConfig):
     seq_len: int = 0  # 0: the model's max_seq_len
     batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * processes
     grad_accum: int = 1  # micro-steps per optimizer step
-    max_steps: int = 600  # the run's length in steps (and its schedule's, unless the time budget ends first)
+    max_steps: int = 0  # the run's length in steps; 0: 600, or no step limit when a time budget ends the run
     time_budget: float = 0.0  # seconds of training; the schedule ends with it when it ends first; 0: none
     lr: float = 2e-3  # peak learning rate (small models take a high one)
     local_lr_scale: float = 2.0  # MEGABYTE: the local model's (and output head's) learning rate, relative to lr
@@ -71,7 +73,7 @@ class TrainConfig(TypedConfig):
         """The checks every run shares, a fine-tune too (bytelm.finetune.FinetuneConfig)."""
         return [
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
-            (self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_steps >= 0, "max_steps must be >= 1 (or 0: the default)"),
             (self.seq_len >= 0, "seq_len must be >= 0"),
             (self.time_budget >= 0, "time_budget must be >= 0"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
@@ -85,6 +87,13 @@ class TrainConfig(TypedConfig):
                  self.keep_checkpoints) >= 1,
              "log_interval, eval_interval, save_interval, eval_batches and keep_checkpoints must be >= 1"),
         ]
+
+    @property
+    def step_limit(self) -> int | None:
+        """The steps the run may take: max_steps, else 600, else (with a time budget) none: the budget ends it."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return None if self.time_budget > 0 else DEFAULT_MAX_STEPS
 
     def model_config(self):
         return config_class(self.model_type).from_name(self.preset, **self.model)

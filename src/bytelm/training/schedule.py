@@ -1,6 +1,7 @@
 """Learning-rate schedules, over steps or over a time budget, whichever ends first.
 
-A run ends at `max_steps` or when its `time_budget` is spent. The schedule follows whichever is nearer its end,
+A run ends at its step limit (`max_steps`; none by default when a `time_budget` is given) or when its time budget is
+spent. The schedule follows whichever is nearer its end,
 so a `--time-budget 5m` run decays its learning rate to the end of its five minutes instead of stopping half way
 down a cosine laid out over `max_steps` (a partly decayed model is a worse one; see Hägele et al. 2024,
 arXiv 2405.18392, on schedules for runs whose length is not known in advance).
@@ -19,7 +20,8 @@ SCHEDULES = ("cosine", "wsd")
 
 def progress(step: int, cfg, elapsed: float = 0.0) -> float:
     """How far past warm-up the run is, in [0, 1]: by steps, or by time when the time budget is nearer its end."""
-    p = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    limit = cfg.step_limit
+    p = 0.0 if limit is None else (step - cfg.warmup_steps) / max(1, limit - cfg.warmup_steps)
     if cfg.time_budget > 0:
         p = max(p, elapsed / cfg.time_budget)
     return min(1.0, max(0.0, p))

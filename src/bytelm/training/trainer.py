@@ -239,14 +239,15 @@ class Trainer:
                  f"{cfg.batch_size}x{cfg.grad_accum}x{self.world} windows ({self.batch_bytes:,} bytes) | "
                  f"device {self.device} | {self.split_info}")
         self.before_training()
-        stop = min(cfg.max_steps, until_step or cfg.max_steps)
+        limit = cfg.step_limit  # None: the time budget ends the run
+        stop = min(x for x in (limit, until_step) if x is not None) if (limit or until_step) else None
         bar = tqdm(total=stop, initial=self.step, disable=not (self.master and sys.stderr.isatty()),
                    unit="step", dynamic_ncols=True, leave=False)
         self.model.train()
         t_last, bytes_last, losses = time.perf_counter(), self.bytes_seen, []
         t_start, elapsed0 = time.perf_counter(), self.elapsed
         val = None
-        while self.step < stop:
+        while stop is None or self.step < stop:
             self.elapsed = elapsed0 + time.perf_counter() - t_start  # what the step's learning rate follows
             losses.append(self.train_step())
             self.elapsed = elapsed0 + time.perf_counter() - t_start
@@ -258,7 +259,8 @@ class Trainer:
                 loss = sum(losses) / len(losses)
                 bps = (self.bytes_seen - bytes_last) / max(now - t_last, 1e-9)
                 lr = self.lr  # the schedule's rate at the last step (a parameter group may scale it)
-                msg = (f"step {self.step:>6}/{cfg.max_steps} | loss {loss:.4f} | bpb {loss / LN2:.3f} | "
+                of = f"/{limit}" if limit else ""
+                msg = (f"step {self.step:>6}{of} | loss {loss:.4f} | bpb {loss / LN2:.3f} | "
                        f"lr {lr:.2e} | {bps:,.0f} bytes/s | {self.elapsed:,.0f}s")
                 if self.master:
                     (self.log_fn if bar.disable else bar.write)(msg)
