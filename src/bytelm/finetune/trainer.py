@@ -108,7 +108,7 @@ class FinetuneTrainer(Trainer):
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False, log=log_line) -> dict[str, Any]:
-    """Run (or resume) a LoRA fine-tune end to end: `bytelm.train.train` with FinetuneTrainer."""
+    """Run (or resume) a LoRA fine-tune end to end: `bytelm.training.train` with FinetuneTrainer."""
     return train(cfg, resume=resume, log=log, trainer_class=FinetuneTrainer)
 
 
