@@ -31,10 +31,10 @@ from torch import nn  # noqa: E402
 torch.set_num_threads(1)
 
 from benchmarks import peer, suites  # noqa: E402
-from benchmarks.common import optimizer_step  # noqa: E402
+from benchmarks.common import adamw, optimizer_step  # noqa: E402
 from bytelm import Megabyte  # noqa: E402
 from bytelm.data import WindowSampler, load_split  # noqa: E402
-from bytelm.models import byte_loss  # noqa: E402
+from bytelm.models import byte_loss, get_spec  # noqa: E402
 from bytelm.nn import TransformerStack  # noqa: E402
 
 from .common import RESULTS as RESULTS_ROOT  # noqa: E402
@@ -176,15 +176,10 @@ def build(variant: str, seed: int):
 
 
 def optimizer(m, o, lr):
-    groups = {}
-    for name, p in m.named_parameters():
-        decay = p.dim() >= 2
-        local = name.startswith(("local_", "lm_head",  # ours; then megabyte-pytorch's local stack, byte embedding,
-                                 "transformers.1.", "token_embs.0.", "to_logits.", "start_tokens.1"))  # head, start
-        mult = o.get("local_lr", 1.0) if local else 1.0
-        groups.setdefault((decay, mult), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "weight_decay": 0.1 if d else 0.0, "mult": mult}
-                              for (d, mult), ps in groups.items()], lr=lr, betas=(0.9, 0.95))
+    """The benchmarks' AdamW (bytelm's make_optimizer); the local stack, ours or megabyte-pytorch's, at o["local_lr"]
+    times the rate."""
+    local = (*get_spec("megabyte").stacks["local"], *peer.PEER_LOCAL)
+    return adamw(m, lr, local=local, local_lr_scale=o.get("local_lr", 1.0))
 
 
 def one(variant: str, seed: int, steps: int, windows: int = 64) -> dict:
@@ -197,7 +192,7 @@ def one(variant: str, seed: int, steps: int, windows: int = 64) -> dict:
     for i in range(steps):
         lr = lr_max * min(1, (i + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
         for g in opt.param_groups:
-            g["lr"] = lr * g["mult"]
+            g["lr"] = lr * g["lr_scale"]
         x = sampler.next_batch()
         optimizer_step(m, opt, byte_loss(logits(m, x), x))
     secs = time.time() - t0

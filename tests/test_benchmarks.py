@@ -71,41 +71,33 @@ def test_peer_matches_our_shape_within_five_percent():
     assert 0.95 <= ratio <= 1.05
 
 
-@needs_peer
-def test_peer_logits_are_its_own_loss_and_causal():
-    torch.manual_seed(0)
-    cfg = suites.get("smoke").megabyte
-    m = peer.build_peer(cfg, 64).eval()
-    x = torch.randint(1, 256, (2, 64))  # no byte 0: the package's own loss skips those (pad_id=0)
-    with torch.no_grad():
-        logits = peer.peer_logits(m, x)
-        assert byte_loss(logits, x).item() == pytest.approx(m(x, return_loss=True).item(), rel=1e-5)
-        k = 21
-        y = x.clone()
-        y[:, k] = (y[:, k] + 1) % 256
-        changed = peer.peer_logits(m, y)
-    torch.testing.assert_close(changed[:, : k + 1], logits[:, : k + 1])
-    assert not torch.allclose(changed[:, k + 1 :], logits[:, k + 1 :])
-
-
-@pytest.mark.skipif(not peer.mblm_available(), reason="mblm not installed (pip install '.[bench]')")
-def test_mblm_logits_are_its_own_loss_and_causal():
+def _own_loss_mblm(m, x):
     from mblm import MBLMReturnType
 
+    return m(x, return_type=MBLMReturnType.LOSS)
+
+
+@pytest.mark.parametrize("build, logits, own_loss, available", [
+    (peer.build_peer, peer.peer_logits, lambda m, x: m(x, return_loss=True), peer.available()),
+    (peer.build_mblm, peer.mblm_logits, _own_loss_mblm, peer.mblm_available()),
+], ids=["megabyte-pytorch", "mblm"])
+def test_peer_logits_are_its_own_loss_and_causal(build, logits, own_loss, available):
+    if not available:
+        pytest.skip("peer not installed (pip install '.[bench]')")
     torch.manual_seed(0)
     cfg = suites.get("smoke").megabyte
-    m = peer.build_mblm(cfg, 64).eval()
+    m = build(cfg, 64).eval()
     assert abs(sum(p.numel() for p in m.parameters()) / Megabyte(cfg).num_params() - 1) < 0.25
-    x = torch.randint(1, 256, (2, 64))  # no byte 0: its own loss skips the pad id (0)
+    x = torch.randint(1, 256, (2, 64))  # no byte 0: the packages' own losses skip it (their pad id is 0)
     with torch.no_grad():
-        logits = peer.mblm_logits(m, x)
-        assert byte_loss(logits, x).item() == pytest.approx(m(x, return_type=MBLMReturnType.LOSS).item(), rel=1e-5)
+        ours = logits(m, x)
+        assert byte_loss(ours, x).item() == pytest.approx(own_loss(m, x).item(), rel=1e-5)
         k = 21
         y = x.clone()
         y[:, k] = (y[:, k] + 1) % 256
-        changed = peer.mblm_logits(m, y)
-    torch.testing.assert_close(changed[:, : k + 1], logits[:, : k + 1])
-    assert not torch.allclose(changed[:, k + 1 :], logits[:, k + 1 :])
+        changed = logits(m, y)
+    torch.testing.assert_close(changed[:, : k + 1], ours[:, : k + 1])
+    assert not torch.allclose(changed[:, k + 1 :], ours[:, k + 1 :])
 
 
 @needs_peer

@@ -11,9 +11,9 @@ import torch
 from .errors import HubError
 from .finetune import load_adapter as _load_adapter
 from .finetune import read_adapter
-from .hub import HUB_ID, resolve, upload, write_model_card
+from .hub import HUB_ID, check_repo_id, resolve, upload
 from .io import ADAPTER_CONFIG_NAME, ADAPTER_FILES, CARD_NAME, MODEL_FILES, recorded_base
-from .models import ByteLM, get_spec, load_model
+from .models import ByteLM, load_model, write_card
 
 
 def load(path: str | Path, device: str | torch.device | None = None, revision: str | None = None) -> ByteLM:
@@ -35,8 +35,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str 
     """Upload a model folder or a LoRA adapter folder (a run folder: its latest checkpoint) to the Hub as `repo_id`.
     The folder must load first (a broken folder is not uploaded), and only the model's (or adapter's) files go up,
     never optimizer or trainer state. Returns the commit's URL."""
-    if not HUB_ID.fullmatch(repo_id):
-        raise HubError(f"{repo_id!r} is not a hub repository id: use ORG/NAME (or USER/NAME)")
+    check_repo_id(repo_id)  # before the folder is loaded: the quick check first
     if not Path(folder).is_dir():
         raise HubError(f"{folder} is not a folder")
     folder = resolve(folder)
@@ -50,8 +49,6 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, token: str 
     else:
         model = load_model(folder)  # strict: a folder that would not load is not uploaded
         if not (folder / CARD_NAME).is_file():
-            spec = get_spec(model.config.model_type)
-            write_model_card(folder, model.config.to_dict(), model.num_params(), name=repo_id.split("/")[1],
-                             description=spec.description, tags=spec.tags)
+            write_card(folder, model.config, model.num_params(), name=repo_id.split("/")[1])
         files = MODEL_FILES
     return upload(folder, repo_id, files, private=private, token=token, revision=revision, message=message)

@@ -37,7 +37,7 @@ import torch
 
 from .._version import __version__
 from ..errors import AdapterError, CheckpointError, ConfigError
-from ..hub import is_hub_id, resolve, write_model_card
+from ..hub import is_hub_id, resolve
 from ..io import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_INFO_NAME,
@@ -49,7 +49,7 @@ from ..io import (
     recorded_base,
     state_problems,
 )
-from ..models import ByteLM, config_from_dict, get_spec, load_model
+from ..models import ByteLM, config_from_dict, get_spec, load_model, write_card
 
 TARGETS = ("global", "local", "all")
 LoraError = AdapterError  # the name this module's errors had before bytelm.errors
@@ -122,10 +122,8 @@ def save_adapter(peft_model, folder: str | Path, base_config, base: str | None, 
         # save_embedding_layers=False: "auto" would ask the Hub about the base to see whether embeddings changed
         peft_model.save_pretrained(tmp, save_embedding_layers=False)
         Path(tmp, ADAPTER_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        spec = get_spec(base_config.model_type)
-        write_model_card(tmp, base_config.to_dict(), base_params, description=spec.description, tags=spec.tags,
-                         base_model=base, **card,
-                         adapter={"target": lora.target_modules, "rank": lora.r, "trainable": trainable})
+        write_card(tmp, base_config, base_params, base_model=base, **card,
+                   adapter={"target": lora.target_modules, "rank": lora.r, "trainable": trainable})
         finish_folder(tmp)
         for f in (ADAPTER_WEIGHTS_NAME, ADAPTER_INFO_NAME, "README.md", ADAPTER_CONFIG_NAME):  # the config last
             os.replace(Path(tmp, f), folder / f)

@@ -88,12 +88,16 @@ def resolve(path: str | Path, revision: str | None = None) -> Path:
 
 
 # --- upload ----------------------------------------------------------------------------------------------------------
+def check_repo_id(repo_id: str) -> None:
+    if not HUB_ID.fullmatch(repo_id):
+        raise HubError(f"{repo_id!r} is not a hub repository id: use ORG/NAME (or USER/NAME)")
+
+
 def upload(folder: str | Path, repo_id: str, files: list[str] | tuple[str, ...], *, private: bool = False,
            token: str | None = None, revision: str | None = None, message: str | None = None) -> str:
     """Upload `files` of `folder` to the Hub model repository `repo_id` (created if needed); returns the commit's
     URL. bytelm.api.push checks the folder (it must load) before calling this."""
-    if not HUB_ID.fullmatch(repo_id):
-        raise HubError(f"{repo_id!r} is not a hub repository id: use ORG/NAME (or USER/NAME)")
+    check_repo_id(repo_id)
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

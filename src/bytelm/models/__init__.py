@@ -4,12 +4,12 @@ of model types, and loading/saving model folders. Importing this package registe
 from .base import ByteLM, byte_loss
 from .config import VOCAB_SIZE, MegabyteConfig, ModelConfig, TransformerConfig
 from .megabyte import Megabyte, MegabyteState
-from .persistence import load_model, read_config, save_model
+from .persistence import load_model, read_config, save_model, write_card
 from .registry import ModelSpec, build, config_class, config_from_dict, get_spec, model_types, register
 from .transformer import ByteTransformer, TransformerState
 
 __all__ = [
     "VOCAB_SIZE", "ByteLM", "ByteTransformer", "Megabyte", "MegabyteConfig", "MegabyteState", "ModelConfig",
     "ModelSpec", "TransformerConfig", "TransformerState", "build", "byte_loss", "config_class", "config_from_dict",
-    "get_spec", "load_model", "model_types", "read_config", "register", "save_model",
+    "get_spec", "load_model", "model_types", "read_config", "register", "save_model", "write_card",
 ]

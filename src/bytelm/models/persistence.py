@@ -15,6 +15,13 @@ from ..io import WEIGHTS_NAME, load_state_strict, read_model_config, read_weight
 from . import registry
 
 
+def write_card(folder: str | Path, config, num_params: int, **card) -> Path:
+    """The model card (README.md) of a model or adapter folder, saying what its model type is (registry entry)."""
+    spec = registry.get_spec(config.model_type)
+    return write_model_card(folder, config.to_dict(), num_params, description=spec.description, tags=spec.tags,
+                            **card)
+
+
 def save_model(model: torch.nn.Module, path: str | Path, **card) -> Path:
     """Write a ByteLM's weights, model card and config (last) into the folder `path`. `card`: what the model card
     should say beyond the config (name, val_bpb, data, step, base_model, license; see bytelm.hub.model_card)."""
@@ -25,10 +32,8 @@ def save_model(model: torch.nn.Module, path: str | Path, **card) -> Path:
                               "merge them in first (bytelm.load_adapter(..., merge=True), `bytelm merge`)")
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a folder")
-    spec = registry.get_spec(model.config.model_type)
     path.mkdir(parents=True, exist_ok=True)
-    write_model_card(path, model.config.to_dict(), model.num_params(), description=spec.description,
-                     tags=spec.tags, **card)
+    write_card(path, model.config, model.num_params(), **card)
     return write_model_files(path, state, model.config.to_dict())
 
 

@@ -1,10 +1,9 @@
 """Learning-rate schedules, over steps or over a time budget, whichever ends first.
 
 A run ends at its step limit (`max_steps`; none by default when a `time_budget` is given) or when its time budget is
-spent. The schedule follows whichever is nearer its end,
-so a `--time-budget 5m` run decays its learning rate to the end of its five minutes instead of stopping half way
-down a cosine laid out over `max_steps` (a partly decayed model is a worse one; see Hägele et al. 2024,
-arXiv 2405.18392, on schedules for runs whose length is not known in advance).
+spent. The schedule follows whichever is nearer its end, so a `--time-budget 5m` run decays its learning rate to the
+end of its five minutes instead of stopping half way down a cosine laid out over `max_steps` (a partly decayed model
+is a worse one; see Hägele et al. 2024, arXiv 2405.18392, on schedules for runs whose length is not known).
 
     cosine  linear warm-up, then cosine decay to lr * min_lr_ratio at the end
     wsd     warm-up, stable at lr, then linear decay to lr * min_lr_ratio over the last `decay_fraction` of the run
@@ -33,7 +32,7 @@ def lr_at(step: int, cfg, elapsed: float = 0.0) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     p = progress(step, cfg, elapsed)
     min_lr = cfg.lr * cfg.min_lr_ratio
-    if getattr(cfg, "schedule", "cosine") == "wsd":
+    if cfg.schedule == "wsd":
         stable_until = 1.0 - cfg.decay_fraction
         if p <= stable_until:
             return cfg.lr
