@@ -240,7 +240,8 @@ class Trainer:
                  f"device {self.device} | {self.split_info}")
         self.before_training()
         limit = cfg.step_limit  # None: the time budget ends the run
-        stop = min(x for x in (limit, until_step) if x is not None) if (limit or until_step) else None
+        caps = [n for n in (limit, until_step) if n]  # until_step 0 or None: no extra cap, as before
+        stop = min(caps) if caps else None
         bar = tqdm(total=stop, initial=self.step, disable=not (self.master and sys.stderr.isatty()),
                    unit="step", dynamic_ncols=True, leave=False)
         self.model.train()
