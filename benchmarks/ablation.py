@@ -62,8 +62,8 @@ def build(variant: str) -> tuple[nn.Module, object]:
     if variant == "ours-shift":
         from bytelm.nn import Block
 
-        def forward(self, x, rope=None, cache=None, pos=0):
-            x = x + self.drop(self.attn(self.norm1(_token_shift(x)), rope, cache, pos))
+        def forward(self, x, rope=None, cache=None, pos=0, rows=None, span=None):
+            x = x + self.drop(self.attn(self.norm1(_token_shift(x)), rope, cache, pos, rows, span))
             return x + self.drop(self.mlp(self.norm2(_token_shift(x))))
 
         Block.forward = forward

@@ -42,16 +42,31 @@ from .registry import ModelSpec, register
 
 @dataclass
 class MegabyteState:
-    """Decoding state: both models' KV caches and where we are. The global cache holds one entry per patch, the local
-    cache the current patch's window only (overwritten from position 0 at every new patch)."""
+    """Decoding state of B rows: both models' KV caches and where each row is. The global cache holds one entry per
+    patch, the local cache the current patch's window only (overwritten from position 0 at every new patch). Rows
+    move independently (a continuous batch: bytelm.generation.engine), so the positions are per row, kept on the
+    host, where the control flow needs them."""
 
     global_kv: list[KVCache]
     local_kv: list[KVCache]
     patch: torch.Tensor  # (B, P) bytes of the current patch so far
     recent: torch.Tensor  # (B, max(W, 1)) the last bytes before the current position (-1: before the sequence)
-    ctx: torch.Tensor | None = None  # (B, C, D_L) global contributions to window positions L-C.. (C = P or L)
-    k: int = 0  # index of the current patch
-    r: int = 0  # bytes of the current patch already seen
+    ctx: torch.Tensor  # (B, C, D_L) global contributions to window positions L-C.. (C = P, or L with context_global)
+    k: list[int]  # per row: index of the current patch
+    r: list[int]  # per row: bytes of the current patch already seen
+    global_steps: int = 0  # batched global-model steps run (a serving metric)
+
+
+def _subset(rows: torch.Tensor | None, js: list[int], n: int, device) -> torch.Tensor | None:
+    """The state rows of inputs js (of n, given for `rows`, None = all in order); None again when that is all."""
+    if rows is None:
+        return None if len(js) == n else torch.tensor(js, device=device)
+    return rows if len(js) == n else rows[torch.tensor(js, device=rows.device)]
+
+
+def _positions(values: list[int], device) -> int | torch.Tensor:
+    """One int where every row is at the same position (the plain batch: views, no masks), else a tensor (n,)."""
+    return values[0] if min(values) == max(values) else torch.tensor(values, device=device)
 
 
 class Megabyte(ByteLM):
@@ -86,12 +101,15 @@ class Megabyte(ByteLM):
         init_weights(self, max(c.global_layers, c.local_layers))
 
     # --- pieces shared by training and decoding ----------------------------------------------------------------
-    def _patch_embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Bytes (B, n*P) starting at byte position `start` -> n global patch vectors (B, n, G)."""
+    def _patch_embed(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """Bytes (B, n*P) starting at byte position `start` (or a start (B,) per row) -> n patch vectors (B, n, G)."""
         B, n = x.shape[0], x.shape[1] // self.config.patch_size
         h = self.global_embed(x)  # (B, n*P, D_G)
         if self.global_pos is not None:
-            h = h + self.global_pos(torch.arange(start, start + x.shape[1], device=x.device))
+            if isinstance(start, torch.Tensor):
+                h = h + self.global_pos(start[:, None] + torch.arange(x.shape[1], device=x.device))
+            else:
+                h = h + self.global_pos(torch.arange(start, start + x.shape[1], device=x.device))
         return h.reshape(B, n, self.config.global_dim)
 
     def _to_local(self, g_out: torch.Tensor) -> torch.Tensor:
@@ -99,11 +117,18 @@ class Megabyte(ByteLM):
         ctx = self.global_to_local(g_out.unflatten(-1, (self.config.patch_size, self.config.byte_dim)))
         return self.local_ctx_norm(ctx) if self.config.local_norms else ctx
 
-    def _local_in(self, idx: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
+    def _local_in(self, idx: torch.Tensor, ctx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """Window positions start..start+n-1 of each patch: their bytes idx (N, n) (-1: the pad) embedded, plus
-        the global contributions ctx (N, L - ctx_from, D_L) of positions ctx_from..L-1.  -> (N, n, D_L)"""
+        the global contributions ctx (N, L - ctx_from, D_L) of positions ctx_from..L-1.  -> (N, n, D_L)
+        `start` may be a LongTensor (N,) of positions past the window's first prediction, one per row (n = 1)."""
         n = idx.shape[1]
         h = self.local_embed(idx.clamp(min=0))  # (N, n, D_L)
+        if isinstance(start, torch.Tensor):  # decoding a continuous batch: one byte per row, at its own position
+            if self.local_pos is not None:
+                h = h + self.local_pos(start)[:, None]
+            if self.config.local_norms:
+                h = self.local_byte_norm(h)
+            return h + ctx[torch.arange(ctx.shape[0], device=ctx.device), start - self.ctx_from][:, None]
         if start < max(self.config.local_context, 1):  # only these positions can lie before the sequence
             h = torch.where((idx < 0)[..., None], self.local_pad.to(h.dtype), h)
         if self.local_pos is not None:
@@ -163,58 +188,97 @@ class Megabyte(ByteLM):
             local_kv=self.local_model.new_caches(batch, self.window, dev, dt),
             patch=torch.zeros(batch, c.patch_size, dtype=torch.long, device=dev),
             recent=torch.full((batch, max(c.local_context, 1)), -1, dtype=torch.long, device=dev),
+            ctx=torch.zeros(batch, self.window - self.ctx_from, c.local_dim, device=dev, dtype=dt),
+            k=[0] * batch, r=[0] * batch,
         )
 
-    def _global_step(self, g_in: torch.Tensor, s: MegabyteState, pos: int) -> None:
-        """Run the global model on patch inputs at positions pos.. and keep the current window's contributions."""
-        g_out = self.global_model(g_in, s.global_kv, pos)  # (B, n, G)
+    def _global_step(self, g_in: torch.Tensor, s: MegabyteState, pos: int | torch.Tensor, rows, span: int,
+                     prefill: bool = False) -> None:
+        """Run the global model on patch inputs (n, m, G) at positions pos.. of state rows `rows` (None: all) and keep
+        the current window's contributions."""
+        g_out = self.global_model(g_in, s.global_kv, pos, rows, span)  # (n, m, G)
+        s.global_steps += 1
         if not self.config.context_global:
-            s.ctx = self._to_local(g_out[:, -1])  # (B, P, D_L)
-        elif s.ctx is None:  # prefill: every patch so far, windowed; the current patch's window is the last
-            s.ctx = self._ctx_windows(self._to_local(g_out)).unflatten(0, (g_out.shape[0], -1))[:, -1]
+            ctx = self._to_local(g_out[:, -1])  # (n, P, D_L)
+        elif prefill:  # every patch so far, windowed; the current patch's window is the last
+            ctx = self._ctx_windows(self._to_local(g_out)).unflatten(0, (g_out.shape[0], -1))[:, -1]
         else:  # the previous window's last `first` contributions, then the new patch's
-            kept = s.ctx[:, s.ctx.shape[1] - self.first :]  # (B, first, D_L): none when first = 0
-            s.ctx = torch.cat((kept, self._to_local(g_out[:, -1])), dim=1)
+            old = s.ctx if rows is None else s.ctx[rows]
+            ctx = torch.cat((old[:, old.shape[1] - self.first :], self._to_local(g_out[:, -1])), dim=1)
+        if rows is None:
+            s.ctx.copy_(ctx)
+        else:
+            s.ctx[rows] = ctx
 
-    def _local_step(self, idx: torch.Tensor, s: MegabyteState, start: int) -> torch.Tensor:
-        """Run the local model on window positions start.. of the current patch; return the last one's logits."""
-        h = self._local_in(idx, s.ctx, start)
-        return self.lm_head(self.local_model(h, s.local_kv, start)[:, -1])  # (B, 256)
+    def _local_step(self, idx: torch.Tensor, s: MegabyteState, start: int | torch.Tensor, rows, span: int):
+        """Run the local model on window positions start.. of the current patch of state rows `rows` (None: all);
+        return the last position's logits (n, 256)."""
+        h = self._local_in(idx, s.ctx if rows is None else s.ctx[rows], start)
+        return self.lm_head(self.local_model(h, s.local_kv, start, rows, span)[:, -1])  # (n, 256)
 
-    def _window_start(self, s: MegabyteState) -> torch.Tensor:
-        """Byte indices (B, first + 1) of the window positions up to the patch's first prediction."""
+    def _window_start(self, recent: torch.Tensor) -> torch.Tensor:
+        """Byte indices (n, first + 1) of the window positions up to the patch's first prediction."""
         if self.config.local_context == 0:
-            return s.recent.new_full((s.recent.shape[0], 1), -1)  # the paper: the pad
-        return s.recent
+            return recent.new_full((recent.shape[0], 1), -1)  # the paper: the pad
+        return recent
 
-    def prefill(self, x: torch.Tensor, s: MegabyteState) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, s: MegabyteState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompts x (n, L) into state rows `rows` (n,) (None: all rows), which start over; logits (n, 256)."""
         B, L = x.shape
         P, G = self.config.patch_size, self.config.global_dim
         k, r = divmod(L, P)  # k complete patches; the current patch k holds r bytes
         g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(x[:, : k * P], 0)), dim=1)
-        self._global_step(g_in, s, 0)  # (B, k+1, G) inputs: pad + patches 0..k-1
-        s.k, s.r = k, r
-        s.patch[:, :r] = x[:, k * P :]
+        self._global_step(g_in, s, 0, rows, k + 1, prefill=True)  # (n, k+1, G) inputs: pad + patches 0..k-1
+        sel = slice(None) if rows is None else rows
+        for i in range(s.patch.shape[0]) if rows is None else rows.tolist():
+            s.k[i], s.r[i] = k, r
+        s.patch[sel, :r] = x[:, k * P :]
         Wp = s.recent.shape[1]
-        padded = F.pad(x, (Wp, 0), value=-1)  # (B, Wp + L)
-        s.recent = padded[:, -Wp:]
+        padded = F.pad(x, (Wp, 0), value=-1)  # (n, Wp + L)
+        s.recent[sel] = padded[:, -Wp:]
         idx = padded[:, k * P : k * P + Wp + r]  # window positions 0..first + r: x_{kP-Wp} .. x_{kP+r-1}
         if self.config.local_context == 0:
             idx = torch.cat((idx.new_full((B, 1), -1), idx[:, 1:]), dim=1)
-        return self._local_step(idx, s, 0)
+        return self._local_step(idx, s, 0, rows, idx.shape[1])
 
-    def decode_step(self, byte: torch.Tensor, s: MegabyteState) -> torch.Tensor:
-        P = self.config.patch_size
-        s.patch[:, s.r] = byte
-        s.r += 1
+    def decode_step(self, byte: torch.Tensor, s: MegabyteState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed byte (n,) to state rows `rows` (n,) (None: all rows, in order); logits (n, 256) for their next bytes.
+        The rows may sit at different positions: those whose patch this byte completes run one batched global step
+        and restart their local window; all others run one batched local step at their own window positions."""
+        P, n, dev = self.config.patch_size, byte.shape[0], byte.device
+        ids = list(range(n)) if rows is None else rows.tolist()
+        sel = slice(None) if rows is None else rows
+        at = torch.arange(n, device=dev) if rows is None else rows
+        s.patch[at, torch.tensor([s.r[i] for i in ids], device=dev)] = byte
         if self.config.local_context > 0:
-            s.recent = torch.cat((s.recent[:, 1:], byte.view(-1, 1)), dim=1)
-        if s.r == P:  # patch complete: one global step for the next patch, then the local window starts over
-            s.k += 1
-            self._global_step(self._patch_embed(s.patch, (s.k - 1) * P), s, s.k)
-            s.r = 0
-            return self._local_step(self._window_start(s), s, 0)
-        return self._local_step(byte.view(-1, 1), s, self.first + s.r)
+            s.recent[sel] = torch.cat((s.recent[sel][:, 1:], byte.view(-1, 1)), dim=1)
+        for i in ids:
+            s.r[i] += 1
+        done = [j for j, i in enumerate(ids) if s.r[i] == P]
+        going = [j for j, i in enumerate(ids) if s.r[i] < P]
+        logits = None
+        if done:  # patch complete: one global step for the next patch, then the local window starts over
+            d_rows = _subset(rows, done, n, dev)
+            d_sel = slice(None) if d_rows is None else d_rows
+            ks = []
+            for j in done:
+                s.k[ids[j]] += 1
+                s.r[ids[j]] = 0
+                ks.append(s.k[ids[j]])
+            start = _positions([(k - 1) * P for k in ks], dev)
+            self._global_step(self._patch_embed(s.patch[d_sel], start), s, _positions(ks, dev), d_rows, max(ks) + 1)
+            out = self._local_step(self._window_start(s.recent[d_sel]), s, 0, d_rows, self.first + 1)
+            if not going:
+                return out
+            logits = out.new_empty(n, out.shape[1])
+            logits[done] = out
+        g_rows = _subset(rows, going, n, dev)
+        pos = [self.first + s.r[ids[j]] for j in going]
+        out = self._local_step(byte[going].view(-1, 1), s, _positions(pos, dev), g_rows, max(pos) + 1)
+        if logits is None:
+            return out
+        logits[going] = out
+        return logits
 
 
 # One Linear layer of a block: attention in and out, MLP in and out (what LoRA adapts; see bytelm.finetune).

@@ -20,7 +20,7 @@ from .registry import ModelSpec, register
 @dataclass
 class TransformerState:
     kv: list[KVCache]
-    pos: int = 0  # next input position
+    pos: list[int]  # per row: next input position (rows of a continuous batch move independently)
 
 
 class ByteTransformer(ByteLM):
@@ -39,12 +39,15 @@ class ByteTransformer(ByteLM):
         self.lm_head = nn.Linear(c.dim, VOCAB_SIZE, bias=False)
         init_weights(self, c.layers)
 
-    def _inputs(self, x: torch.Tensor, start: int, bos: bool) -> torch.Tensor:
-        """Bytes (B, n) -> input vectors at positions start.. (B, n + bos, D), bos prepended at position 0."""
+    def _inputs(self, x: torch.Tensor, start: int | torch.Tensor, bos: bool) -> torch.Tensor:
+        """Bytes (B, n) -> input vectors at positions start.. (B, n + bos, D), bos prepended at position 0.
+        `start` may be a LongTensor (B,): one byte per row (n = 1), each at its own position."""
         h = self.embed(x)
         if bos:
             h = torch.cat((self.bos.expand(x.shape[0], 1, -1).to(h.dtype), h), dim=1)
-        if self.pos is not None:
+        if self.pos is not None and isinstance(start, torch.Tensor):
+            h = h + self.pos(start)[:, None]
+        elif self.pos is not None:
             h = h + self.pos(torch.arange(start, start + h.shape[1], device=x.device))
         return self.drop(h)
 
@@ -55,17 +58,24 @@ class ByteTransformer(ByteLM):
         return self.lm_head(self.transformer(h))  # (B, T, 256)
 
     def new_state(self, batch: int, max_len: int) -> TransformerState:
-        return TransformerState(self.transformer.new_caches(batch, max_len, self.device, self.dtype))
+        return TransformerState(self.transformer.new_caches(batch, max_len, self.device, self.dtype), [0] * batch)
 
-    def prefill(self, x: torch.Tensor, s: TransformerState) -> torch.Tensor:
-        h = self._inputs(x, 0, bos=True)  # (B, L + 1, D)
-        s.pos = h.shape[1]
-        return self.lm_head(self.transformer(h, s.kv, 0)[:, -1])
+    def prefill(self, x: torch.Tensor, s: TransformerState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompts x (n, L) into state rows `rows` (n,) (None: all rows), which start over; logits (n, 256)."""
+        h = self._inputs(x, 0, bos=True)  # (n, L + 1, D)
+        for i in range(len(s.pos)) if rows is None else rows.tolist():
+            s.pos[i] = h.shape[1]
+        return self.lm_head(self.transformer(h, s.kv, 0, rows)[:, -1])
 
-    def decode_step(self, byte: torch.Tensor, s: TransformerState) -> torch.Tensor:
-        h = self._inputs(byte.view(-1, 1), s.pos, bos=False)  # (B, 1, D)
-        out = self.transformer(h, s.kv, s.pos)
-        s.pos += 1
+    def decode_step(self, byte: torch.Tensor, s: TransformerState, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed byte (n,) to state rows `rows` (None: all, in order), each at its own position; logits (n, 256)."""
+        ids = range(byte.shape[0]) if rows is None else rows.tolist()
+        at = [s.pos[i] for i in ids]
+        pos = at[0] if min(at) == max(at) else torch.tensor(at, device=byte.device)
+        h = self._inputs(byte.view(-1, 1), pos, bos=False)  # (n, 1, D)
+        out = self.transformer(h, s.kv, pos, rows, max(at) + 1)
+        for i in ids:
+            s.pos[i] += 1
         return self.lm_head(out[:, -1])
 
 

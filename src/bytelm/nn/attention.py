@@ -31,14 +31,35 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, n, Dh) at positions pos..pos+n-1; return all keys/values so far (B, H, pos+n, Dh)."""
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
+               span: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write k, v (n, H, T, Dh) and return the keys and values to attend over, and a mask or None.
+
+        pos int: every row writes positions pos..pos+T-1 and gets (n, H, pos+T, Dh), no mask needed.
+        pos LongTensor (n,): each row writes its one new key (T = 1) at its own position (a continuous batch, whose
+        streams have different lengths) and gets (n, H, span, Dh) with a mask (n, 1, 1, span) hiding the keys past
+        its position. `span` (default: the cache length, a static shape for torch.compile) must exceed every pos.
+        rows (n,): the cache rows these n inputs belong to (default: all, in order).
+        """
+        if isinstance(pos, torch.Tensor):
+            S = self.max_len if span is None else span
+            r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+            self.k[r, :, pos] = k[:, :, 0]  # (n, H, Dh) scattered, one position per row
+            self.v[r, :, pos] = v[:, :, 0]
+            keys, vals = (self.k[:, :, :S], self.v[:, :, :S]) if rows is None else (self.k[rows, :, :S],
+                                                                                     self.v[rows, :, :S])
+            mask = torch.arange(S, device=k.device)[None, :] <= pos[:, None]  # (n, S)
+            return keys, vals, mask[:, None, None, :]
         end = pos + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: position {end} > cache length {self.max_len}")
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        if rows is None:
+            self.k[:, :, pos:end] = k
+            self.v[:, :, pos:end] = v
+            return self.k[:, :, :end], self.v[:, :, :end], None
+        self.k[rows, :, pos:end] = k
+        self.v[rows, :, pos:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end], None  # gathered: (n, H, end, Dh)
 
 
 class Attention(nn.Module):
@@ -48,7 +69,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int | torch.Tensor = 0,
+                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
         if rope is not None:
@@ -56,15 +78,16 @@ class Attention(nn.Module):
             v = qkv[2]
         else:
             q, k, v = qkv.unbind(0)
-        if cache is not None:
-            k, v = cache.update(pos, k, v)  # (B, H, S, Dh), S = pos + T
-        S = k.shape[2]
         mask, causal = None, False
-        if T == S:
+        if cache is not None:
+            k, v, mask = cache.update(pos, k, v, rows, span)  # (B, H, S, Dh); S = pos + T, or span with a mask
+        S = k.shape[2]
+        if mask is None and T == S:
             causal = T > 1  # whole sequence (or a prefill from position 0)
-        elif T > 1:  # a chunk after a cached prefix: query i (at pos + i) sees keys 0..pos + i
+        elif mask is None and T > 1:  # a chunk after a cached prefix: query i (at pos + i) sees keys 0..pos + i
             mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None]
-        # T == 1 with a cache: the one new query sees every cached key, no mask needed.
+        # T == 1 at one position for all rows: the query sees every cached key, no mask; at a position per row, the
+        # cache's mask (n, 1, 1, S) hides each row's keys past its position.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if dropout_active(self) else 0.0
         )  # (B, H, T, Dh)

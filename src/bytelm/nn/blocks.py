@@ -37,8 +37,9 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(mlp_ratio * dim), bias)
         self.drop = Dropout(dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos))
+    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int | torch.Tensor = 0,
+                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, rows, span))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -46,7 +47,9 @@ class TransformerStack(nn.Module):
     """`layers` pre-norm blocks and a final norm over sequences of up to `max_pos` positions.
 
     Used three times: MEGABYTE's global model (over patches), its local model (over the bytes of one patch) and the
-    byte transformer baseline (over bytes). `forward(x, caches, pos)` runs positions pos..pos+T-1.
+    byte transformer baseline (over bytes). `forward(x, caches, pos)` runs positions pos..pos+T-1; with `pos` a
+    LongTensor (n,) each row's one input sits at its own position, and `rows` (n,) names the cache rows the inputs
+    belong to (see KVCache.update): the continuous batch of bytelm.generation.engine.
     """
 
     def __init__(self, dim, layers, heads, mlp_ratio, bias, dropout, max_pos, rope: bool, rope_base: float) -> None:
@@ -60,11 +63,16 @@ class TransformerStack(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0,
+                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
         T = x.shape[1]
-        rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]) if self.use_rope else None
+        rope = None
+        if self.use_rope and isinstance(pos, torch.Tensor):  # (n, 1, 1, Dh): one position per row
+            rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])
+        elif self.use_rope:
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, caches[i] if caches is not None else None, pos)
+            x = block(x, rope, caches[i] if caches is not None else None, pos, rows, span)
         return self.norm(x)
 
     def new_caches(self, batch: int, max_len: int, device, dtype) -> list[KVCache]:
