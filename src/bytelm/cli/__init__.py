@@ -6,6 +6,7 @@
     bytelm generate MODEL [--adapter DIR] [--prompt TEXT | --prompt-file F] [--max-bytes N] [--out FILE] ...
     bytelm merge    ADAPTER [--base BASE] --out DIR
     bytelm push     FOLDER ORG/NAME [--private] [--token T]
+    bytelm serve    MODEL [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-streams N] ...
     bytelm presets
 
 Each command is a module here with a typed dataclass of its options, parsed by tyro (`train` and `finetune` take
@@ -30,6 +31,7 @@ COMMANDS = {
     "generate": ("bytelm.cli.generate", "generate bytes from a model, streamed to stdout"),
     "merge": ("bytelm.cli.merge", "fold a LoRA adapter into its base and write a plain model folder"),
     "push": ("bytelm.cli.push", "upload a model or adapter folder to the Hugging Face Hub"),
+    "serve": ("bytelm.cli.serve", "serve a model over an OpenAI-compatible HTTP API (needs bytelm[serve])"),
     "presets": ("bytelm.cli.presets", "list the named model presets"),
 }
 

@@ -15,13 +15,14 @@ MODEL_HELP = ("a model folder, a training run folder or a hub id (org/name); wit
 ADAPTER_HELP = "a LoRA adapter folder or fine-tune run folder (or hub id) to use on top of MODEL"
 
 
-def load(path: str | None, device: str, adapter: str | None = None):
+def load(path: str | None, device: str, adapter: str | None = None, merge: bool = False):
+    """`merge`: fold the adapter into the base's weights (faster to run; the adapter can no longer be switched)."""
     from ..devices import resolve_device
 
     if adapter is not None:
         from ..finetune import load_adapter
 
-        return load_adapter(adapter, base=path, device=resolve_device(device))
+        return load_adapter(adapter, base=path, device=resolve_device(device), merge=merge)
     if path is None:
         raise UsageError("name a MODEL (a model folder, a training run folder or a hub id), or an --adapter")
     from ..models import load_model

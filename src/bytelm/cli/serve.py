@@ -1,0 +1,63 @@
+"""`bytelm serve MODEL`: an OpenAI-compatible HTTP server (needs `pip install bytelm[serve]`)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .models import ModelArg, load
+from .options import parse
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeArgs:
+    """Serves /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics; every stream of every request
+    decodes in one continuous batch. Ctrl-C stops taking requests, lets running streams finish (up to
+    --drain-timeout) and exits."""
+
+    model: ModelArg = None
+    """a model folder, a training run folder or a hub id (org/name); with --adapter: its base"""
+    adapter: str | None = None  # a LoRA adapter folder (or hub id) to serve on top of MODEL (merged at load)
+    host: str = "127.0.0.1"  # the address to listen on (loopback by default: nothing outside this machine reaches it)
+    port: int = 8000
+    api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/* (default: no key)
+    model_name: str | None = None  # the id clients name in "model" (default: MODEL as given)
+    max_streams: int = 16  # streams decoding at once (the batch's rows)
+    max_queue: int = 64  # requests waiting for a stream beyond those; more get 429 with Retry-After
+    max_request_bytes: int = 1 << 20  # larger request bodies get 413
+    drain_timeout: float = 30.0  # seconds running streams get to finish on shutdown
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_level: str = "info"  # uvicorn's: critical | error | warning | info | debug
+
+
+def main(argv: list[str]) -> int:
+    args = parse(ServeArgs, argv, "bytelm serve")
+    try:
+        import uvicorn
+
+        from ..generation.engine import Engine
+        from ..serve import ServerLimits, create_app
+    except ImportError as e:
+        raise UsageError(f"bytelm serve needs the serving extras: pip install 'bytelm[serve]' ({e.name} is "
+                         "missing)") from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_streams < 1 or args.max_queue < 0 or args.max_request_bytes < 1:
+        raise UsageError("--max-streams and --max-request-bytes must be >= 1, --max-queue >= 0")
+    if args.host not in LOOPBACK and args.api_key is None:
+        print(f"bytelm serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use "
+              "it", file=sys.stderr)
+    model = load(args.model, args.device, args.adapter, merge=True)
+    model.eval()
+    name = args.model_name or args.model or args.adapter
+    engine = Engine(model, max_streams=args.max_streams, max_queue=args.max_queue)
+    app = create_app(engine, name, args.api_key, ServerLimits(args.max_request_bytes,
+                                                                  drain_timeout_s=args.drain_timeout))
+    print(f"bytelm serve: {name} ({model.model_type}, {model.num_params() / 1e6:.1f}M params, context "
+          f"{model.config.max_seq_len} bytes) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout)
+    return 0

@@ -1,0 +1,128 @@
+"""OpenAI's request and response shapes for /v1/completions and /v1/chat/completions, as pydantic models, and the
+byte-level chat template.
+
+Bytes are tokens here: `max_tokens` counts bytes, usage counts bytes, and a prompt may be given as a list of
+integers 0..255 (the bytes themselves) as well as text. Fields OpenAI has and a byte model cannot honour (penalties,
+logit_bias, n > 1, echo, suffix, best_of, tools) are refused with a 400 naming the field, not silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields of newer API versions: accepted, unused
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=1, le=256)] | None = None  # vLLM's extension; -1 or absent: off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server cannot do, or None."""
+        if self.n != 1:
+            return "n"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty" if self.presence_penalty else "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        return None
+
+    def stops(self) -> tuple[bytes, ...]:
+        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(x.encode("utf-8") for x in s if x)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[Byte] | list[str]
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default for completions
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
+            return "prompt"  # a batch of prompts in one request: send one request each
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of not in (None, 1):
+            return "best_of"
+        return super().unsupported()
+
+    def prompt_bytes(self) -> bytes:
+        p = self.prompt
+        if isinstance(p, str):
+            return p.encode("utf-8")
+        if p and isinstance(p[0], str):
+            return p[0].encode("utf-8")
+        return bytes(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: the text ones, in order
+            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        return "tools" if self.tools else super().unsupported()
+
+
+# --- the chat template --------------------------------------------------------------------------------------------
+# A byte model reads bytes, so the template is plain text; a turn ends where the next role marker would begin, which
+# is also the chat endpoint's stop sequence: the model's reply ends at its first "\n<|".
+CHAT_TURN = "<|{role}|>\n{content}\n"
+CHAT_REPLY = "<|assistant|>\n"
+CHAT_STOP = "\n<|"
+
+
+def chat_prompt(messages: list[ChatMessage]) -> bytes:
+    """<|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n: the reply is generated after the last marker."""
+    roles = {"developer": "system"}
+    turns = "".join(CHAT_TURN.format(role=roles.get(m.role, m.role), content=m.text()) for m in messages)
+    return (turns + CHAT_REPLY).encode("utf-8")
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def byte_token(b: int) -> str:
+    """A byte as OpenAI's `token` string: the character for printable ASCII, else vLLM's 'bytes:\\xNN' form (the
+    byte value itself is in `bytes`)."""
+    return chr(b) if 32 <= b < 127 or b in (9, 10, 13) else f"bytes:\\x{b:02x}"
