@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import generation, long_context, quality, suites, training
+from . import generation, long_context, quality, serving, suites, training
 from .common import RESULTS, machine
 
-BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context, "quality": quality}
+BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context, "quality": quality,
+              "serving": serving}
 
 
 def summary(results: dict, suite: suites.Suite, out: Path) -> str:
@@ -74,6 +75,14 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         others = "; ".join(f"{n}: {v['val_bpb']:.3f}" for n, v in r.items() if n != "bytelm MEGABYTE")
         rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib) | "
                     f"{r['bytelm MEGABYTE']['val_bpb']:.3f} | {others} | lower is better |")
+    sv = results.get("serving")
+    if sv:
+        mb, tf = sv["models"]["megabyte"], sv["models"]["transformer"]
+        top = str(16 if "16" in mb["speedup_vs_1_stream"] else max(map(int, mb["speedup_vs_1_stream"])))
+        rate = {r["streams"]: r["bytes_per_s"] for r in mb["runs"]}
+        rows.append(f"| serving: aggregate bytes/s at {top} streams vs. 1 (continuous batching, greedy) | "
+                    f"{rate[int(top)]:,.0f} | 1 stream: {rate[1]:,.0f}; ByteTransformer at {top}: "
+                    f"{tf['speedup_vs_1_stream'][top]:.1f}x its 1 | **{mb['speedup_vs_1_stream'][top]:.1f}x** |")
     threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
     head = (f"Suite `{suite.name}`, {time.strftime('%Y-%m-%d')}: torch {m['torch']}, {threads}, "
             f"{m['cpu_count']} CPUs, {m['cuda'] or 'no GPU'}. Details and raw timings: "

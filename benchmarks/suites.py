@@ -52,6 +52,11 @@ class Suite:
     quality_lr: float = 2e-3
     quality_local_lr_scale: float = 2.0  # every MEGABYTE's local stack (bytelm's recipe, given to the peers too)
     quality_eval_windows: int = 128
+    # serving (continuous batching)
+    serve_concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    serve_bytes: int = 256  # generated per request
+    serve_rounds: int = 3  # requests per stream (closed loop)
+    serve_max_len: int = 1024  # the models' context while serving (sizes the preallocated caches)
 
 
 def _pair(seq: int, **mb) -> tuple[MegabyteConfig, TransformerConfig, TransformerConfig]:
@@ -71,7 +76,7 @@ def get(name: str) -> Suite:
                      TransformerConfig(max_seq_len=1 << 16, dim=256, layers=4, heads=4),
                      gen_bytes=2048, gen_repeats=2, peer_gen_bytes=256, peer_points=9, train_steps=3,
                      train_repeats=2, long_lengths=[8192, 32768], long_time_limit=60.0, quality_seconds=60.0,
-                     quality_eval_windows=32)
+                     quality_eval_windows=32, serve_bytes=128, serve_rounds=2)
     if name == "smoke":
         tiny_mb = MegabyteConfig.from_name("tiny", max_seq_len=256)
         tiny_t = TransformerConfig.from_name("tiny", max_seq_len=256)
@@ -80,5 +85,6 @@ def get(name: str) -> Suite:
                          "tiny", max_seq_len=1024),
                      gen_bytes=64, gen_repeats=1, peer_gen_bytes=16, peer_points=3, train_seq_len=64, train_batch=2,
                      train_steps=2, train_repeats=1, long_lengths=[256, 1024], long_time_limit=20.0,
-                     quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4)
+                     quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
+                     serve_concurrency=[1, 4], serve_bytes=16, serve_rounds=1, serve_max_len=256)
     raise SystemExit(f"unknown suite {name!r}: choose quick, full or smoke")

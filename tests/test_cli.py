@@ -65,6 +65,11 @@ def test_generate_streams_and_writes_raw_bytes(trained, capsys, tmp_path):
     model = bytelm.load(out)
     assert raw == model.generate("def é".encode(), 40, temperature=0.8, seed=3)
     assert text == "def é" + ("def é".encode() + raw)[len("def é".encode()) :].decode("utf-8", "replace") + "\n"
+    greedy = model.generate(b"def ", 40, temperature=0)  # --stop ends the output before the stop string's first
+    stop = next(greedy[i : i + 2] for i in range(5, 38) if greedy[i : i + 2].isalnum())  # occurrence
+    assert main(["generate", str(out), "--prompt", "def ", "--max-bytes", "40", "--temperature", "0",
+                 "--out", str(tmp_path / "s.bin"), "--stop", stop.decode()]) == 0
+    assert (tmp_path / "s.bin").read_bytes() == greedy[: greedy.find(stop)]
 
 
 def test_resume_continues_a_run(trained, capsys):

@@ -244,7 +244,8 @@ class Engine:
         with torch.inference_mode():
             for req in admitted:
                 self._guard([req], self._prefill, req)
-            ready = [r for r in self.running.values() if r.logits is not None and not r.finished]
+            ready = sorted((r for r in self.running.values() if r.logits is not None and not r.finished),
+                           key=lambda r: r.slot)  # in slot order: when every slot runs, the model steps on views
             if not ready:
                 return
             self.stats["steps"] += 1
@@ -295,7 +296,8 @@ class Engine:
         self.stats["bytes"] += len(ready)
         if not feed:
             return
-        rows = torch.tensor([ready[j].slot for j in feed], device=nxt.device)
+        slots = [ready[j].slot for j in feed]
+        rows = None if slots == list(range(self.max_streams)) else torch.tensor(slots, device=nxt.device)
         before = getattr(self.state, "global_steps", None)  # MEGABYTE counts its global steps; for others every
         out = self.model.decode_step(nxt[feed], self.state, rows)  # (n, 256)   step runs the whole model
         self.stats["global_steps"] += 1 if before is None else self.state.global_steps - before
