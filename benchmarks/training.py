@@ -74,7 +74,8 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
     B, T = suite.train_batch, suite.train_seq_len
     models = contenders(suite, T)
     steps, compile_s = {}, {}
-    torch._inductor.config.force_disable_caches = True  # compile times from cold, not from an earlier run's cache
+    if suite.train_compile:  # compile times from cold, not from an earlier run's cache
+        torch._inductor.config.force_disable_caches = True
     for name, (m, loss_fn) in models.items():
         m.train()
         how = next((h for h in (BF16, COMPILED) if name.endswith(h)), "")
