@@ -42,6 +42,7 @@ class Suite:
     train_batch: int = 4
     train_steps: int = 5
     train_repeats: int = 3
+    train_compile: bool = True  # also time both MEGABYTEs under torch.compile (about 30 s of compiling each)
     # long sequences
     long_lengths: list[int] = field(default_factory=lambda: [8192, 65536, 262144, 1048576])
     long_time_limit: float = 600.0  # seconds for one forward; longer ones are predicted from the fit and skipped
@@ -84,7 +85,8 @@ def get(name: str) -> Suite:
                      MegabyteConfig.from_name("tiny", max_seq_len=1024), TransformerConfig.from_name(
                          "tiny", max_seq_len=1024),
                      gen_bytes=64, gen_repeats=1, peer_gen_bytes=16, peer_points=3, train_seq_len=64, train_batch=2,
-                     train_steps=2, train_repeats=1, long_lengths=[256, 1024], long_time_limit=20.0,
+                     train_steps=2, train_repeats=1, train_compile=False, long_lengths=[256, 1024],
+                     long_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
                      serve_concurrency=[1, 4], serve_bytes=16, serve_rounds=1, serve_max_len=256)
     raise SystemExit(f"unknown suite {name!r}: choose quick, full or smoke")

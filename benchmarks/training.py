@@ -4,12 +4,18 @@ shape, and MEGABYTE vs. the byte transformer with the same parameter count.
     python -m benchmarks.training --suite quick|full|smoke
 
 Each round times `train_steps` steps of every model in turn (after one untimed warm-up step each), `train_repeats`
-rounds; reported is the median step. Same batch shape (train_batch x train_seq_len bytes) and optimizer for all; the
-peer's loss is our byte loss on its logits (every byte counted), which is what it computes too.
+rounds; reported is the median step. Same batch shape (train_batch x train_seq_len bytes) and optimizer for all
+(AdamW, fused where the device has it, as bytelm trains); the peer's loss is our byte loss on its logits (every byte
+counted), which is what it computes too.
+
+Besides the plain fp32 eager rows (the headline ratios), both MEGABYTEs are also timed under bf16 autocast (what
+`--precision bf16` trains with) and, where the suite says so, under torch.compile (`--compile`; its compile time is
+reported, as it counts against a time budget). A row's name says which.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -21,31 +27,44 @@ from . import peer as peer_mod
 from . import suites
 from .common import RESULTS, fmt_params, main_for, median, optimizer_step, write
 
+BF16, COMPILED = ", bf16 autocast", ", compiled"
+
 
 def contenders(suite: suites.Suite, seq_len: int) -> dict[str, tuple[torch.nn.Module, object]]:
-    """name -> (module, loss_fn(module, x))."""
+    """name -> (module, loss_fn(forward, x)); a name ending in BF16 or COMPILED is timed that way."""
+    ours = lambda f, x: byte_loss(f(x), x)  # noqa: E731  (what model.loss computes, through `f`)
     torch.manual_seed(0)
     out = {
-        "bytelm MEGABYTE": (Megabyte(suite.megabyte), lambda m, x: m.loss(x)),
-        "bytelm ByteTransformer": (ByteTransformer(suite.transformer_eq), lambda m, x: m.loss(x)),
+        "bytelm MEGABYTE": (Megabyte(suite.megabyte), ours),
+        "bytelm ByteTransformer": (ByteTransformer(suite.transformer_eq), ours),
     }
     if peer_mod.available():
         out["megabyte-pytorch"] = (peer_mod.build_peer(suite.megabyte, seq_len),
-                                   lambda m, x: byte_loss(peer_mod.peer_logits(m, x), x))
+                                   lambda f, x: byte_loss(peer_mod.peer_logits(f, x), x))
     if peer_mod.mblm_available():
         out["mblm"] = (peer_mod.build_mblm(suite.megabyte, seq_len),
-                       lambda m, x: byte_loss(peer_mod.mblm_logits(m, x), x))
+                       lambda f, x: byte_loss(peer_mod.mblm_logits(f, x), x))
+    for name in [n for n in ("bytelm MEGABYTE", "megabyte-pytorch") if n in out]:
+        for how in (BF16, COMPILED) if suite.train_compile else (BF16,):
+            torch.manual_seed(0)
+            model = Megabyte(suite.megabyte) if name.startswith("bytelm") else peer_mod.build_peer(suite.megabyte,
+                                                                                                  seq_len)
+            out[name + how] = (model, out[name][1])
     return out
 
 
-def step_fn(model, loss_fn, batch_shape):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def step_fn(model, loss_fn, batch_shape, how: str = ""):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = torch.compile(model) if how == COMPILED else model
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if how == BF16 else contextlib.nullcontext
     gen = torch.Generator().manual_seed(0)
 
     def step() -> float:
         x = torch.randint(0, 256, batch_shape, generator=gen)
         t0 = time.perf_counter()
-        optimizer_step(model, opt, loss_fn(model, x))
+        with precision():
+            loss = loss_fn(forward, x)
+        optimizer_step(model, opt, loss)
         return time.perf_counter() - t0
 
     return step
@@ -54,11 +73,17 @@ def step_fn(model, loss_fn, batch_shape):
 def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
     B, T = suite.train_batch, suite.train_seq_len
     models = contenders(suite, T)
-    steps = {}
+    steps, compile_s = {}, {}
+    if suite.train_compile:  # compile times from cold, not from an earlier run's cache
+        torch._inductor.config.force_disable_caches = True
     for name, (m, loss_fn) in models.items():
         m.train()
-        steps[name] = step_fn(m, loss_fn, (B, T))
-        steps[name]()  # warm-up
+        how = next((h for h in (BF16, COMPILED) if name.endswith(h)), "")
+        steps[name] = step_fn(m, loss_fn, (B, T), how)
+        t0 = time.perf_counter()
+        steps[name]()  # warm-up (and, compiled, compiling)
+        if how == COMPILED:
+            compile_s[name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(suite.train_repeats):
         for name, step in steps.items():
@@ -71,6 +96,9 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
                "megabyte_vs_transformer": bps["bytelm MEGABYTE"] / bps["bytelm ByteTransformer"]}
     if "megabyte-pytorch" in bps:
         payload["megabyte_vs_peer"] = bps["bytelm MEGABYTE"] / bps["megabyte-pytorch"]
+        payload["variants_vs_peer"] = {name: b / bps["megabyte-pytorch"] for name, b in bps.items()
+                                       if name.startswith(("bytelm MEGABYTE", "megabyte-pytorch"))}
+    payload["compile_seconds"] = compile_s  # the first (warm-up) step of each compiled model, compiling included
     if "mblm" in bps:
         payload["megabyte_vs_mblm"] = bps["bytelm MEGABYTE"] / bps["mblm"]
     write("training", payload, markdown(payload), out_dir)
@@ -79,14 +107,25 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
 
 def markdown(p: dict) -> str:
     lines = [f"# Training throughput: forward + backward + AdamW, batch {p['batch']} x {p['seq_len']:,} bytes "
-             f"(median step)", "", "| model | params | bytes/s |", "|---|---|---|"]
+             f"(median step)", "", "Rows: fp32 eager unless the name says bf16 autocast or compiled (torch.compile, "
+             "inductor; compile time: the first step).", "",
+             "| model | params | bytes/s | vs. megabyte-pytorch (fp32 eager) |", "|---|---|---|---|"]
+    vs = p.get("variants_vs_peer", {})
     for name, bps in p["bytes_per_s"].items():
-        lines.append(f"| {name} | {fmt_params(p['params'][name])} | {bps:,.0f} |")
+        ratio = f"{vs[name]:.2f}x" if name in vs else ""
+        lines.append(f"| {name} | {fmt_params(p['params'][name])} | {bps:,.0f} | {ratio} |")
     lines += ["", f"- MEGABYTE vs. the byte transformer of equal parameters: **{p['megabyte_vs_transformer']:.2f}x**."]
     if "megabyte_vs_peer" in p:
         lines.append(f"- bytelm MEGABYTE vs. megabyte-pytorch at the same shape: **{p['megabyte_vs_peer']:.2f}x**.")
     if "megabyte_vs_mblm" in p:
         lines.append(f"- bytelm MEGABYTE vs. mblm at the same shape: **{p['megabyte_vs_mblm']:.2f}x**.")
+    b = p["bytes_per_s"]
+    for how in (BF16, COMPILED):
+        ours, peer = "bytelm MEGABYTE" + how, "megabyte-pytorch" + how
+        if ours in b and peer in b:
+            lines.append(f"- both{how}: bytelm MEGABYTE vs. megabyte-pytorch **{b[ours] / b[peer]:.2f}x**.")
+    for name, sec in p.get("compile_seconds", {}).items():
+        lines.append(f"- compiling {name.removesuffix(COMPILED)}: {sec:.0f} s (the first step).")
     return "\n".join(lines) + "\n"
 
 

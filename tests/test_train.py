@@ -113,6 +113,25 @@ def test_resume_equals_uninterrupted(tmp_path, code_dir, model_type):
     assert len(steps) == len({tuple(s) for s in steps})
 
 
+def test_compile_that_fails_warns_once_and_trains_eager(tmp_path, code_dir, monkeypatch):
+    def broken(fn, *args, **kwargs):  # what a missing compiler or an unsupported op looks like at the first call
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    lines = []
+    eager = Trainer(tiny_cfg(tmp_path / "a", code_dir, max_steps=4), log=lambda *_: None)
+    eager.run()
+    trainer = Trainer(tiny_cfg(tmp_path / "b", code_dir, max_steps=4, compile=True), log=lines.append)
+    trainer.run()
+    warnings = [line for line in lines if "torch.compile failed" in line]
+    assert warnings == ["warning: torch.compile failed (RuntimeError: no C++ compiler); training uncompiled"]
+    we, wt = weights(eager.model), weights(trainer.model)
+    assert all(torch.equal(we[k], wt[k]) for k in we)  # the failed attempt left nothing behind
+    assert not any("_orig_mod" in k for k in bytelm.load(tmp_path / "b" / "run").state_dict())
+
+
 def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, code_dir, monkeypatch):
     cfg = tiny_cfg(tmp_path, code_dir)
     trainer = Trainer(cfg, log=lambda *_: None)

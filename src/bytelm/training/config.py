@@ -43,7 +43,7 @@ class TrainConfig(TypedConfig):
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (CPU: ~3% faster steps for ~25 s of compiling); eager if it fails
     activation_checkpointing: bool = False  # recompute activations in the backward pass (long sequences)
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 100  # steps between validation estimates

@@ -85,7 +85,9 @@ class Trainer:
 
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.forward = wrap_model(self.model, self.env)
+        self.eager_forward = self.forward = wrap_model(self.model, self.env)
+        # compiled on its first call (the first micro-step); a failure there falls back to eager (`_micro_step`)
+        self.compile_pending = cfg.compile
         if cfg.compile:
             self.forward = torch.compile(self.forward)
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -219,10 +221,7 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             x = self.sampler.next_batch().to(self.device, non_blocking=True)
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-step
-            with no_sync(self.forward, sync), self.autocast:
-                loss = byte_loss(self.forward(x), x) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
+            total += self._micro_step(x, sync)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -230,6 +229,24 @@ class Trainer:
         self.step += 1
         self.bytes_seen += self.batch_bytes
         return total
+
+    def _micro_step(self, x: torch.Tensor, sync: bool) -> float:
+        """Forward and backward of one micro-batch; returns its loss / grad_accum. With `compile`, the first call
+        compiles (forward and backward); if that fails, one warning line and the run goes on uncompiled."""
+        try:
+            with no_sync(self.forward, sync), self.autocast:
+                loss = byte_loss(self.forward(x), x) / self.cfg.grad_accum
+            loss.backward()
+        except Exception as e:
+            if not self.compile_pending:
+                raise
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            self.log(f"warning: torch.compile failed ({type(e).__name__}: {why}); training uncompiled")
+            self.compile_pending, self.forward = False, self.eager_forward
+            self.optimizer.zero_grad(set_to_none=True)  # what a backward that failed part-way may have left
+            return self._micro_step(x, sync)
+        self.compile_pending = False
+        return loss.item()
 
     def run(self, until_step: int | None = None) -> dict[str, Any]:
         """Train to max_steps (or `until_step`, or the time budget); returns the final metrics."""
