@@ -7,6 +7,7 @@
     bytelm merge    ADAPTER [--base BASE] --out DIR
     bytelm push     FOLDER ORG/NAME [--private] [--token T]
     bytelm serve    MODEL [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-streams N] ...
+    bytelm swarm    serve MODEL [--blocks I:J | --num-blocks N] [--initial-peers ADDR ...] | generate MODEL ...
     bytelm presets
 
 Each command is a module here with a typed dataclass of its options, parsed by tyro (`train` and `finetune` take
@@ -32,6 +33,8 @@ COMMANDS = {
     "merge": ("bytelm.cli.merge", "fold a LoRA adapter into its base and write a plain model folder"),
     "push": ("bytelm.cli.push", "upload a model or adapter folder to the Hugging Face Hub"),
     "serve": ("bytelm.cli.serve", "serve a model over an OpenAI-compatible HTTP API (needs bytelm[serve])"),
+    "swarm": ("bytelm.cli.swarm", "serve one model from many machines, or generate through such a swarm (needs "
+                                  "bytelm[swarm])"),
     "presets": ("bytelm.cli.presets", "list the named model presets"),
 }
 

@@ -38,6 +38,12 @@ class GenerateArgs:
 
 def main(argv: list[str]) -> int:
     args = parse(GenerateArgs, argv, "bytelm generate")
+    prompt = prompt_bytes(args)
+    return emit(load(args.model, args.device, args.adapter), args, prompt)
+
+
+def prompt_bytes(args: GenerateArgs) -> bytes:
+    """The prompt of --prompt or --prompt-file; --out checked writable (before any model is loaded)."""
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
     if args.prompt_file is not None:
@@ -46,7 +52,11 @@ def main(argv: list[str]) -> int:
         prompt = (args.prompt or "").encode("utf-8")
     if args.out is not None:
         writable_file(args.out, "--out")
-    model = load(args.model, args.device, args.adapter)
+    return prompt
+
+
+def emit(model, args: GenerateArgs, prompt: bytes) -> int:
+    """Generate with `model` as `args` say, to stdout or --out (also `bytelm swarm generate`'s)."""
     from ..generation.engine import Engine, SamplingParams
 
     # the engine the server uses, with one stream; the request is checked here, all of it, before anything is

@@ -75,17 +75,18 @@ def target_modules(model_config, target: str) -> str:
 
 
 def apply_lora(model: ByteLM, target: str = "all", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               base: str | None = None):
+               base: str | None = None, modules_to_save: list[str] | None = None):
     """Fresh LoRA adapters on the Linear layers of `target`, all else frozen: a peft PeftModel around `model`, which
     now holds the adapters itself (peft replaces its Linear layers in place). `base`: the base's folder or hub id,
-    recorded in the adapter's config."""
+    recorded in the adapter's config. `modules_to_save`: modules trained in full and saved with the adapter (peft's
+    own mechanism; a swarm fine-tune's embedding, bytelm.swarm.finetune)."""
     peft = _peft()
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"lora rank must be an integer >= 1, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"lora dropout must be in [0, 1), got {dropout}")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                             target_modules=target_modules(model.config, target))
+                             target_modules=target_modules(model.config, target), modules_to_save=modules_to_save)
     if base is not None:
         model.name_or_path = base  # what peft records as the adapter's base_model_name_or_path
     return peft.get_peft_model(model, config)
@@ -114,7 +115,7 @@ def save_adapter(peft_model, folder: str | Path, base_config, base: str | None, 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lora = peft_model.peft_config["default"]
-    trainable = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     base_params = sum(p.numel() for p in peft_model.parameters()) - trainable
     info = {"base": base, "base_config": base_config.to_dict(), "base_fingerprint": fingerprint,
             "bytelm_version": __version__, **{k: card[k] for k in ("val_bpb", "data", "step") if k in card}}
@@ -172,11 +173,12 @@ def load_adapter_weights(peft_model, folder: Path) -> None:
     peft.set_peft_model_state_dict(peft_model, state)
 
 
-def attach(base: ByteLM, adapter: str | Path):
-    """`base` with the adapter in `adapter` on it, checked against the base it was made for: a PeftModel."""
+def attach(base: ByteLM, adapter: str | Path, check_weights: bool = True):
+    """`base` with the adapter in `adapter` on it, checked against the base it was made for: a PeftModel.
+    check_weights=False checks the config only (a swarm client holds only part of the weights)."""
     peft = _peft()
     folder, _, info = read_adapter(adapter)
-    check_base(folder, info, base.config, weights_fingerprint(base))
+    check_base(folder, info, base.config, weights_fingerprint(base) if check_weights else None)
     config = peft.LoraConfig.from_pretrained(str(folder))
     base.name_or_path = config.base_model_name_or_path  # else peft warns that the recorded name changed
     try:

@@ -290,4 +290,5 @@ register(ModelSpec(
                   "all": rf"(global_model|local_model)\.{_BLOCK_LINEARS}"},
     description="MEGABYTE (Yu et al. 2023, arXiv 2305.07185)", tags=["megabyte", "byte-level", "tokenizer-free"],
     stacks={"local": ("local_", "lm_head")},  # the local model, its embeddings and norms, and the output head
+    remote_stack=("global_model", "global_layers", "global_embed"),
 ))

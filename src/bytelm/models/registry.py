@@ -24,6 +24,10 @@ class ModelSpec:
     lora_target_help: dict[str, str] = field(default_factory=dict)  # why a target is missing, e.g. "local"
     # stack name -> prefixes of its parameters' names, for per-stack learning rates (bytelm.training.optim)
     stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the TransformerStack a swarm serves remotely (bytelm.swarm), the config field of its depth and the embedding
+    # that feeds it (what a fine-tune through the swarm trains upstream of it): MEGABYTE's global model (crossed once
+    # per patch), the byte transformer's whole stack (once per byte)
+    remote_stack: tuple[str, str, str] | None = None
 
 
 _SPECS: dict[str, ModelSpec] = {}

@@ -87,4 +87,5 @@ register(ModelSpec(
     lora_target_help={"local": "a byte transformer has no local model: --lora-target global (or all) adapts its "
                                "transformer"},
     description="byte-level transformer", tags=["byte-level", "tokenizer-free"],
+    remote_stack=("transformer", "layers", "embed"),
 ))

@@ -57,23 +57,34 @@ class TransformerStack(nn.Module):
         self.dim, self.heads, self.max_pos = dim, heads, max_pos
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, bias, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim, bias=bias)
-        self.use_rope = rope
+        self.use_rope, self.rope_base = rope, rope_base
         if rope:  # not saved: derived from the config
-            cos, sin = rope_tables(max_pos, dim // heads, rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.reset_rope()
+
+    def reset_rope(self, device=None) -> None:
+        """(Re)compute the rope tables: buffers derived from the config, never saved (so a stack built on the meta
+        device and loaded with `assign=True`, as bytelm.swarm does, calls this for real ones)."""
+        cos, sin = rope_tables(self.max_pos, self.dim // self.heads, self.rope_base)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0,
                 rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+        return self.norm(self.run_blocks(x, 0, len(self.blocks), caches, pos, rows, span))
+
+    def run_blocks(self, x: torch.Tensor, a: int, b: int, caches: list[KVCache] | None = None,
+                   pos: int | torch.Tensor = 0, rows: torch.Tensor | None = None, span: int | None = None
+                   ) -> torch.Tensor:
+        """Blocks a..b-1 alone, no final norm (caches: theirs, b - a of them): a swarm server's share."""
         T = x.shape[1]
         rope = None
         if self.use_rope and isinstance(pos, torch.Tensor):  # (n, 1, 1, Dh): one position per row
             rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])
         elif self.use_rope:
             rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, caches[i] if caches is not None else None, pos, rows, span)
-        return self.norm(x)
+        for i in range(a, b):
+            x = self.blocks[i](x, rope, caches[i - a] if caches is not None else None, pos, rows, span)
+        return x
 
     def new_caches(self, batch: int, max_len: int, device, dtype) -> list[KVCache]:
         return [KVCache(batch, self.heads, max_len, self.dim // self.heads, device, dtype) for _ in self.blocks]

@@ -1,0 +1,95 @@
+"""`bytelm swarm serve|generate`: one model served by many machines (needs `pip install bytelm[swarm]`).
+
+    bytelm swarm serve MODEL [--blocks I:J | --num-blocks N] [--initial-peers ADDR ...] [--host H] [--port P]
+    bytelm swarm generate MODEL --initial-peers ADDR ... [--prompt TEXT] [--max-bytes N] [--verify-fraction F]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .generate import GenerateArgs, emit, prompt_bytes
+from .models import ModelArg
+from .options import parse
+
+
+@dataclass
+class SwarmServeArgs:
+    """Holds a span of the model's global blocks (a byte transformer: its blocks) and serves it to the swarm's
+    clients; announces itself in the swarm's DHT until stopped (Ctrl-C: it announces itself offline, then exits)."""
+
+    model: ModelArg = None
+    """a model folder, a training run folder or a hub id (org/name): only its blocks in the span are read"""
+    blocks: str | None = None  # I:J, the blocks to serve (default: the span the swarm covers least)
+    num_blocks: int | None = None  # without --blocks: how many blocks to take (default: all)
+    initial_peers: list[str] = dataclasses.field(default_factory=list)  # multiaddrs of peers in the swarm
+    host: str = "127.0.0.1"  # the address to listen on (loopback by default)
+    port: int = 0  # 0: any free port
+    swarm: str | None = None  # the swarm's name in the DHT (default: derived from the model's config and weights)
+    max_cache_mb: float = 1024.0  # KV cache memory for all sessions; a session beyond it is refused
+    session_timeout: float = 600.0  # seconds an idle session keeps its cache
+    announce_period: float = 30.0  # seconds between announcements (each lasts 3 periods)
+    throughput: float | None = None  # announce this many steps/s instead of measuring
+    threads: int | None = None  # torch threads (default: torch's)
+
+
+@dataclass
+class SwarmGenerateArgs(GenerateArgs):
+    """Generates like `bytelm generate`, with the global model served by the swarm: the local model, embeddings and
+    head run here, the global blocks on the servers (crossed once per patch). A server that dies mid-generation is
+    replaced and its cache rebuilt: the output does not change."""
+
+    initial_peers: list[str] = dataclasses.field(default_factory=list)  # multiaddrs of peers in the swarm
+    swarm: str | None = None  # the swarm's name in the DHT (default: derived from the model)
+    verify_fraction: float = 0.0  # spot-check this fraction of steps on a second server; liars are banned
+    request_timeout: float = 30.0  # seconds before a server that does not answer is given up on
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--blocks must be I:J (two integers), got {text!r}") from None
+    return a, b
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("serve", "generate"):
+        raise UsageError("usage: bytelm swarm serve MODEL ... | bytelm swarm generate MODEL --initial-peers ADDR ...")
+    try:
+        import hivemind  # noqa: F401
+    except ImportError:
+        raise UsageError("bytelm swarm needs hivemind: pip install 'bytelm[swarm]'") from None
+    from ..swarm import run_server, swarm_name
+
+    if argv[0] == "serve":
+        args = parse(SwarmServeArgs, argv[1:], "bytelm swarm serve")
+        if args.blocks is not None and args.num_blocks is not None:
+            raise UsageError("give --blocks or --num-blocks, not both")
+        if args.num_blocks is not None and args.num_blocks < 1:
+            raise UsageError("--num-blocks must be >= 1")
+        blocks = None if args.blocks is None else _blocks(args.blocks)
+        run_server(args.model, args.swarm or swarm_name(args.model), blocks, args.num_blocks, args.initial_peers,
+                   args.host, args.port, args.max_cache_mb, args.announce_period, args.session_timeout,
+                   args.throughput, args.threads, log=lambda m: print(f"bytelm swarm serve: {m}", file=sys.stderr,
+                                                                       flush=True))
+        return 0
+    args = parse(SwarmGenerateArgs, argv[1:], "bytelm swarm generate")
+    if not args.initial_peers:
+        raise UsageError("name at least one peer of the swarm: --initial-peers ADDR")
+    prompt = prompt_bytes(args)
+    from ..swarm import remote_model
+
+    model = remote_model(args.model, args.initial_peers, args.swarm, verify_fraction=args.verify_fraction,
+                         request_timeout=args.request_timeout)
+    try:
+        if args.adapter is not None:
+            from ..finetune import attach
+
+            model = attach(model, args.adapter, check_weights=False).get_base_model()
+        return emit(model, args, prompt)
+    finally:
+        model.swarm.close()

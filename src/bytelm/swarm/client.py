@@ -1,0 +1,430 @@
+"""The client side of a swarm: a model whose remote stack runs on other machines, with everything else at home.
+
+    remote_model(MODEL, initial_peers)  a ByteLM like any other (generate, stream, the decoding engine, loss,
+                                        LoRA): MEGABYTE's global model is a `RemoteStack`, a chain of servers;
+                                        embeddings, the local model, the final norm and the head are local
+    RemoteStack                         TransformerStack's interface (forward(x, caches, pos, rows, span),
+                                        new_caches) over the swarm: caches are a `RemoteSession`
+    RemoteSession                       one decoding state's chain of server sessions, with the history of calls
+                                        each was sent: a failed server's part is re-routed and its history replayed,
+                                        so the new caches equal the lost ones and the output is unchanged
+    SwarmClient                         the DHT, the RPCs, the servers known, bans, spot checks, traffic counters
+
+Routing and bans: bytelm.swarm.registry. Training goes through `forward`/`backward` RPCs (stateless), one autograd
+Function per server in the chain: servers return the gradient for their input and never change their weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from hivemind.dht import DHT
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from torch import nn
+
+from ..errors import BytelmError
+from ..nn import TransformerStack
+from . import wire
+from .registry import Bans, ServerInfo, route, servers
+from .server import SpanServer, new_session_id
+from .spans import load_client_parts, read_config, remote_stack, swarm_name
+from .wire import SwarmError
+
+
+class ServerFailed(Exception):
+    """One server did not answer, answered with an error, or answered something that cannot be right."""
+
+    def __init__(self, peer: str, why: str) -> None:
+        super().__init__(f"server {peer[-8:]}: {why}")
+        self.peer = peer
+
+
+def _short(e: BaseException) -> str:
+    """One line of an error: hivemind reports a handler's exception as "... at PEER: ValueError('why')"."""
+    lines = str(e).strip().splitlines()
+    text = lines[-1] if lines else type(e).__name__
+    m = re.search(r"\w+\((['\"])(.*)\1\)$", text)
+    return (m[2] if m else text)[:300]
+
+
+def _agree(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return a.shape == b.shape and bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
+
+
+class SwarmClient:
+    def __init__(self, swarm: str, depth: int, initial_peers: list[str], *, request_timeout: float = 30.0,
+                 refresh_period: float = 5.0, ban_seconds: float = 15.0, verify_fraction: float = 0.0,
+                 verify_tolerance: float = 1e-3, max_failures: int = 8, seed: int | None = None) -> None:
+        if not 0.0 <= verify_fraction <= 1.0:
+            raise SwarmError(f"verify_fraction must be in [0, 1], got {verify_fraction}")
+        self.swarm, self.depth = swarm, depth
+        self.request_timeout, self.refresh_period, self.max_failures = request_timeout, refresh_period, max_failures
+        self.verify_fraction, self.verify_tolerance = verify_fraction, verify_tolerance
+        self.rng = random.Random(seed)
+        self.bans = Bans(base=ban_seconds)
+        self.liars: set[str] = set()
+        self.infos: dict[str, ServerInfo] = {}
+        self._seen = -1e9
+        self.stats = {"messages": 0, "bytes_sent": 0, "bytes_received": 0, "failovers": 0, "verified": 0,
+                      "replayed_calls": 0}
+        try:
+            self.dht = DHT(initial_peers=list(initial_peers), client_mode=True, start=True)
+        except Exception as e:
+            raise SwarmError(f"cannot join the swarm through {', '.join(initial_peers) or 'no initial peers'}: "
+                             f"{_short(e)}") from None
+        self.p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+
+    def close(self) -> None:
+        if self.p2p is not None:
+            RemoteExpertWorker.run_coroutine(wire.shutdown_replica(self.p2p))
+            self.p2p = None
+            self.dht.shutdown()
+
+    # --- who serves what ---------------------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> dict[str, ServerInfo]:
+        if force or time.monotonic() - self._seen > self.refresh_period:
+            self.infos, self._seen = servers(self.dht, self.swarm, self.depth), time.monotonic()
+        return self.infos
+
+    def _avoid(self, peer: str) -> bool:
+        return peer in self.liars or self.bans.banned(peer)
+
+    def route(self, a: int, b: int, exclude: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
+        """The best chain of (peer, a, b) over blocks a..b-1 among servers not banned; SwarmError if there is none."""
+        for force in (False, True):
+            chain = route(self.refresh(force), a, b, lambda p: self._avoid(p) or p in exclude)
+            if chain:
+                return chain
+        known = ", ".join(f"{p[-8:]} {i.start}:{i.end}{' (avoided)' if self._avoid(p) else ''}"
+                          for p, i in sorted(self.infos.items())) or "none"
+        raise SwarmError(f"no server of swarm {self.swarm} can serve blocks {a}:{b} now (servers: {known})")
+
+    def holders(self, a: int, b: int, exclude=()) -> list[str]:
+        """Servers holding all of blocks a..b-1, fastest first."""
+        infos = self.refresh()
+        return sorted((p for p, i in infos.items() if i.start <= a and b <= i.end and not self._avoid(p)
+                       and p not in exclude), key=lambda p: -infos[p].throughput)
+
+    # --- one request ---------------------------------------------------------------------------------------------
+    def call(self, peer: str, op: str, tensors: list[torch.Tensor], meta: dict[str, Any]
+             ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        protos, raw = wire.pack(tensors, meta)
+        self.stats["messages"] += 1
+        self.stats["bytes_sent"] += wire.size_of(protos) + len(raw)
+        try:
+            out_protos, out_raw = RemoteExpertWorker.run_coroutine(self._call(peer, op, protos, raw))
+            outs, out_meta = wire.unpack_tensors(out_protos), wire.unpack_meta(out_raw)
+        except (Exception, asyncio.CancelledError) as e:  # the daemon's, the handler's, a timeout, a bad reply
+            why = "no answer in time" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else _short(e)
+            raise ServerFailed(peer, why) from None
+        self.stats["bytes_received"] += wire.size_of(out_protos) + len(out_raw)
+        return outs, out_meta
+
+    async def _call(self, peer: str, op: str, protos, raw: bytes):
+        stub = SpanServer.get_stub(self.p2p, PeerID.from_base58(peer))
+        if not wire.is_large(protos):
+            msg = await stub.rpc_call(runtime_pb2.ExpertRequest(uid=op, tensors=protos, metadata=raw),
+                                      timeout=self.request_timeout)
+            return list(msg.tensors), msg.metadata
+
+        async def streamed():
+            async def requests():
+                for m in wire.stream_parts(runtime_pb2.ExpertRequest, op, protos, raw):
+                    yield m
+            _, tensors, meta = await wire.join_stream(await stub.rpc_call_stream(requests()))
+            return tensors, meta
+        return await asyncio.wait_for(streamed(), timeout=self.request_timeout)
+
+    def info(self, peer: str) -> dict[str, Any]:
+        return self.call(peer, "info", [], {})[1]
+
+    # --- stateless (training) -----------------------------------------------------------------------------------------
+    def stateless(self, op: str, tensors: list[torch.Tensor], a: int, b: int, prefer: str | None = None
+                  ) -> torch.Tensor:
+        """forward or backward over blocks a..b-1 on any server holding them all (the preferred one first), trying
+        the next on failure; with spot checks, a fraction re-run on a second server."""
+        tried: list[str] = []
+        while True:
+            peers = self.holders(a, b, exclude=tuple(tried))
+            if prefer in peers:
+                peers.remove(prefer)
+                peers.insert(0, prefer)
+            if not peers or len(tried) >= self.max_failures:
+                raise SwarmError(f"no server could run {op} over blocks {a}:{b}"
+                                 f"{' (tried ' + ', '.join(p[-8:] for p in tried) + ')' if tried else ''}")
+            peer = peers[0]
+            try:
+                out = self._checked(peer, op, tensors, {"start": a, "end": b}, tensors[0])
+            except ServerFailed:
+                self.bans.ban(peer)
+                tried.append(peer)
+                self.stats["failovers"] += 1
+                continue
+            self.bans.ok(peer)
+            if self.verify_fraction and self.rng.random() < self.verify_fraction:
+                out = self._arbitrate(peer, out, a, b, lambda p: self._checked(p, op, tensors,
+                                                                                {"start": a, "end": b}, tensors[0]))
+            return out
+
+    def _checked(self, peer: str, op: str, tensors, meta, like: torch.Tensor) -> torch.Tensor:
+        outs, _ = self.call(peer, op, tensors, meta)
+        check_outputs(peer, outs, [like])
+        return outs[0]
+
+    def _arbitrate(self, peer: str, out: torch.Tensor, a: int, b: int, rerun, first_other=None):
+        """Spot check: `out` (from `peer`) against a second server's `rerun(p)`; if they disagree, a third decides,
+        and whoever it contradicts is banned for good. Returns the agreed output."""
+        self.stats["verified"] += 1
+        others = self.holders(a, b, exclude=(peer,))
+        if first_other is None:
+            if not others:
+                return out  # nobody to compare with
+            first_other = others.pop(0)
+        check = rerun(first_other)
+        if _agree(out, check, self.verify_tolerance):
+            return out
+        thirds = [p for p in others if p != first_other]
+        if not thirds:
+            raise SwarmError(f"servers {peer[-8:]} and {first_other[-8:]} disagree on blocks {a}:{b} and no third "
+                             "server holds them to tell which is right")
+        referee = rerun(thirds[0])
+        if _agree(referee, check, self.verify_tolerance):
+            self.liars.add(peer)
+            return check
+        self.liars.add(first_other)
+        if not _agree(referee, out, self.verify_tolerance):
+            self.liars.add(peer)
+            raise SwarmError(f"three servers disagree on blocks {a}:{b}; all three are avoided from now on")
+        return out
+
+
+def check_outputs(peer: str, outs: list[torch.Tensor], likes: list[torch.Tensor]) -> None:
+    if len(outs) != len(likes):
+        raise ServerFailed(peer, f"sent {len(outs)} outputs for {len(likes)} inputs")
+    for o, x in zip(outs, likes, strict=False):
+        if o.shape != x.shape or o.dtype != x.dtype:
+            raise ServerFailed(peer, f"sent {o.dtype} {tuple(o.shape)} for {x.dtype} {tuple(x.shape)}")
+        if not torch.isfinite(o).all():
+            raise ServerFailed(peer, "sent inf or nan")
+
+
+# --- decoding sessions ------------------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """One server's part of a session's chain: blocks a..b-1, and every call it was sent (its inputs)."""
+
+    peer: str
+    a: int
+    b: int
+    sid: str
+    history: list[tuple[torch.Tensor, dict]] = field(default_factory=list)
+    verifier: Segment | None = None
+    synced: int = 0  # calls of `history` the verifier has seen
+
+
+class RemoteSession:
+    """The remote stack's KV caches for `batch` rows of up to `max_len` positions: a chain of server sessions."""
+
+    def __init__(self, client: SwarmClient, batch: int, max_len: int) -> None:
+        self.client, self.batch, self.max_len = client, batch, max_len
+        self.chain: list[Segment] | None = None
+
+    def _open(self, peer: str, a: int, b: int) -> Segment:
+        seg = Segment(peer, a, b, new_session_id())
+        self.client.call(peer, "open", [], {"session": seg.sid, "batch": self.batch, "max_len": self.max_len,
+                                            "start": a, "end": b})
+        return seg
+
+    def _send(self, seg: Segment, xs: list[torch.Tensor], calls: list[dict]) -> list[torch.Tensor]:
+        outs, _ = self.client.call(seg.peer, "step", xs, {"session": seg.sid, "calls": calls})
+        check_outputs(seg.peer, outs, xs)
+        return outs
+
+    def _build(self, a: int, b: int, history: list[tuple[torch.Tensor, dict]]) -> list[Segment]:
+        """Open sessions on the best chain over a..b-1 and replay `history` (the calls block a was sent) through
+        it, so the new caches are the ones lost; servers that fail on the way are banned and routed around."""
+        c = self.client
+        for _ in range(c.max_failures):
+            segs: list[Segment] = []
+            try:
+                xs, calls = [h[0] for h in history], [h[1] for h in history]
+                for peer, a2, b2 in c.route(a, b):
+                    seg = self._open(peer, a2, b2)
+                    segs.append(seg)
+                    if xs:
+                        outs = self._send(seg, xs, calls)
+                        c.stats["replayed_calls"] += len(xs)
+                        seg.history = list(zip(xs, calls, strict=False))
+                        xs = outs
+                return segs
+            except ServerFailed as e:
+                c.bans.ban(e.peer)
+                for s in segs:
+                    self._close(s)
+        raise SwarmError(f"could not rebuild blocks {a}:{b} after {c.max_failures} failed servers")
+
+    def step(self, x: torch.Tensor, pos: int | torch.Tensor, rows: torch.Tensor | None, span: int | None
+             ) -> torch.Tensor:
+        call = {"pos": pos.tolist() if isinstance(pos, torch.Tensor) else int(pos),
+                "rows": None if rows is None else rows.tolist(), "span": span}
+        c = self.client
+        if self.chain is None:
+            self.chain = self._build(0, c.depth, [])
+        h, i, failures = x.detach(), 0, 0
+        while i < len(self.chain):
+            seg = self.chain[i]
+            try:
+                out = self._send(seg, [h], [call])[0]
+            except ServerFailed as e:
+                failures += 1
+                if failures > c.max_failures:
+                    raise SwarmError(f"blocks {seg.a}:{seg.b} failed {failures} times in one step; last: {e}") from None
+                c.bans.ban(seg.peer)
+                c.stats["failovers"] += 1
+                self._close(seg)
+                self.chain[i:i + 1] = self._build(seg.a, seg.b, seg.history)
+                continue
+            c.bans.ok(seg.peer)
+            if c.verify_fraction and c.rng.random() < c.verify_fraction:
+                out = self._verify(seg, h, call, out)
+            seg.history.append((h, call))
+            h, i = out, i + 1
+        return h
+
+    def _verify(self, seg: Segment, x: torch.Tensor, call: dict, out: torch.Tensor) -> torch.Tensor:
+        """Spot check a step: a second server holding seg's blocks (kept in step by replaying what it missed) runs
+        it too; on disagreement a third, replaying everything, decides. A liar primary is replaced by the verifier,
+        whose caches are in step already."""
+        c = self.client
+        if seg.verifier is None or c._avoid(seg.verifier.peer):
+            others = c.holders(seg.a, seg.b, exclude=(seg.peer,))
+            if not others:
+                return out
+            try:
+                seg.verifier, seg.synced = self._open(others[0], seg.a, seg.b), 0
+            except ServerFailed as e:
+                c.bans.ban(e.peer)
+                return out
+        v = seg.verifier
+        todo = seg.history[seg.synced:] + [(x, call)]
+        fresh = {}
+
+        def rerun(peer: str) -> torch.Tensor:
+            if peer == v.peer:
+                outs = self._send(v, [t[0] for t in todo], [t[1] for t in todo])
+                seg.synced = len(seg.history) + 1
+                return outs[-1]
+            s = self._open(peer, seg.a, seg.b)  # a referee: everything from the start
+            everything = seg.history + [(x, call)]
+            fresh[peer] = s
+            return self._send(s, [t[0] for t in everything], [t[1] for t in everything])[-1]
+
+        try:
+            agreed = c._arbitrate(seg.peer, out, seg.a, seg.b, rerun, first_other=v.peer)
+        except ServerFailed as e:
+            c.bans.ban(e.peer)
+            return out
+        if seg.peer in c.liars:  # the verifier takes over; the referee, in step too, becomes the verifier
+            self._close(Segment(seg.peer, seg.a, seg.b, seg.sid))
+            seg.peer, seg.sid = v.peer, v.sid
+            ref = next(iter(fresh.values()), None)
+            seg.verifier, seg.synced = ref, len(seg.history) + 1
+        elif v.peer in c.liars:
+            self._close(v)
+            ref = next(iter(fresh.values()), None)
+            seg.verifier, seg.synced = ref, len(seg.history) + 1
+        for s in fresh.values():
+            if s is not seg.verifier:
+                self._close(s)
+        return agreed
+
+    def _close(self, seg: Segment | None) -> None:
+        if seg is None:
+            return
+        protos, raw = wire.pack([], {"session": seg.sid})
+        coro = self.client._call(seg.peer, "close", protos, raw)
+        RemoteExpertWorker.run_coroutine(_quietly(coro), return_future=True)  # best effort, not waited for
+
+    def close(self) -> None:
+        for seg in self.chain or []:
+            self._close(seg)
+            self._close(seg.verifier)
+        self.chain = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except Exception:
+        pass
+
+
+# --- the model's stand-in -----------------------------------------------------------------------------------------
+class _RemoteBlocks(torch.autograd.Function):
+    """Blocks a..b-1 on a server: forward there, and backward there too (the input's gradient, weights frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, client: SwarmClient, peer: str, a: int, b: int):
+        ctx.client, ctx.peer, ctx.a, ctx.b = client, peer, a, b
+        ctx.save_for_backward(x)
+        return client.stateless("forward", [x.detach()], a, b, prefer=peer)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        grad = ctx.client.stateless("backward", [x.detach(), g.contiguous()], ctx.a, ctx.b, prefer=ctx.peer)
+        return grad, None, None, None, None
+
+
+class RemoteStack(nn.Module):
+    """A TransformerStack whose blocks run on the swarm; its final norm (and rope, unused here) stay local."""
+
+    def __init__(self, client: SwarmClient, stack: TransformerStack, depth: int) -> None:
+        super().__init__()
+        self.client, self.depth = client, depth
+        self.dim, self.heads, self.max_pos = stack.dim, stack.heads, stack.max_pos
+        self.norm = stack.norm
+
+    def forward(self, x: torch.Tensor, caches: RemoteSession | None = None, pos: int | torch.Tensor = 0,
+                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+        if caches is not None:
+            return self.norm(caches.step(x, pos, rows, span))
+        h = x
+        for peer, a, b in self.client.route(0, self.depth):
+            h = _RemoteBlocks.apply(h, self.client, peer, a, b)
+        return self.norm(h)
+
+    def new_caches(self, batch: int, max_len: int, device, dtype) -> RemoteSession:
+        return RemoteSession(self.client, batch, max_len)
+
+
+def remote_model(model: str, initial_peers: list[str], swarm: str | None = None, **client_options):
+    """MODEL (a model folder, run folder or hub id) with its remote stack served by the swarm reached through
+    `initial_peers`: a ByteLM whose `.swarm` is its SwarmClient. Only the weights outside the remote stack are read."""
+    config = read_config(model)
+    _, depth = remote_stack(config)
+    client = SwarmClient(swarm or swarm_name(model), depth, initial_peers, **client_options)
+    try:
+        m = load_client_parts(model, lambda cfg, stack: RemoteStack(client, stack, depth))
+    except BytelmError:
+        client.close()
+        raise
+    m.swarm = client
+    return m
+
+
+__all__ = ["RemoteSession", "RemoteStack", "ServerFailed", "SwarmClient", "SwarmError", "remote_model"]

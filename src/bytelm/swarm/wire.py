@@ -1,0 +1,100 @@
+"""What crosses the network between a swarm client and a server, and nothing else: tensors through hivemind's
+serialization (protobuf: raw buffers, a dtype name and a shape; never pickle) and metadata as msgpack (plain values
+only). One request or response is an `ExpertRequest` / `ExpertResponse` of hivemind's runtime protocol: `uid` names
+the operation, `metadata` holds its arguments, `tensors` its tensors.
+
+Payloads over hivemind's unary limit (MAX_UNARY_PAYLOAD_SIZE, 2 MiB) go as a stream of chunks (hivemind's
+split_for_streaming), which the other side joins again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE, MAX_UNARY_PAYLOAD_SIZE
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+
+from ..errors import BytelmError
+
+CHUNK_BYTES = DEFAULT_MAX_MSG_SIZE // 2  # one streamed message's tensor part
+
+
+class SwarmError(BytelmError):
+    """The swarm cannot do what was asked: no server holds a span, every server for it failed, servers disagree."""
+
+
+class BadMessage(ValueError):
+    """A message that is not what the protocol allows (wrong shape, dtype, length, value): the sender's fault."""
+
+
+def pack(tensors: Iterable[torch.Tensor], meta: dict[str, Any]) -> tuple[list[runtime_pb2.Tensor], bytes]:
+    return [serialize_torch_tensor(t.detach().contiguous().cpu()) for t in tensors], MSGPackSerializer.dumps(meta)
+
+
+def unpack_tensors(protos: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
+    try:
+        return [deserialize_torch_tensor(p) for p in protos]
+    except Exception as e:  # a buffer that does not fit its shape, an unknown dtype or compression
+        raise BadMessage(f"a tensor that cannot be read: {str(e).splitlines()[0][:200]}") from None
+
+
+def unpack_meta(raw: bytes) -> dict[str, Any]:
+    try:
+        meta = MSGPackSerializer.loads(raw) if raw else {}
+    except Exception:
+        raise BadMessage("metadata that is not msgpack") from None
+    if not isinstance(meta, dict):
+        raise BadMessage("metadata must be a map")
+    return meta
+
+
+def size_of(protos: list[runtime_pb2.Tensor]) -> int:
+    return sum(len(p.buffer) for p in protos)
+
+
+def is_large(protos: list[runtime_pb2.Tensor]) -> bool:
+    return size_of(protos) > MAX_UNARY_PAYLOAD_SIZE
+
+
+def stream_parts(make, op: str, protos: list[runtime_pb2.Tensor], meta: bytes):
+    """The messages of a streamed payload: the first carries op and metadata, each carries tensor chunks."""
+    head = {"uid": op, "metadata": meta} if op else {"metadata": meta}  # responses have no uid
+    first = True
+    for p in protos:
+        for part in split_for_streaming(p, CHUNK_BYTES):
+            yield make(tensors=[part], **head) if first else make(tensors=[part])
+            first = False
+    if first:  # no tensors at all
+        yield make(**head)
+
+
+async def join_stream(messages: AsyncIterator) -> tuple[str, list[runtime_pb2.Tensor], bytes]:
+    """(op, whole serialized tensors, metadata) of a streamed payload: chunks of a tensor follow its first part,
+    which alone carries a dtype."""
+    op, meta, tensors, parts = "", b"", [], []
+    async for msg in messages:
+        if getattr(msg, "uid", ""):
+            op = msg.uid
+        if msg.metadata:
+            meta = msg.metadata
+        for part in msg.tensors:
+            if part.dtype and parts:
+                tensors.append(combine_from_streaming(parts))
+                parts = []
+            parts.append(part)
+    if parts:
+        tensors.append(combine_from_streaming(parts))
+    return op, tensors, meta
+
+
+async def shutdown_replica(p2p) -> None:
+    """Shut a replica of hivemind's P2P down inside its event loop. hivemind 1.1.12's P2P.__del__ closes it again
+    wherever the object is collected, and at interpreter exit that is outside any loop: tracebacks on stderr. So
+    leave __del__ nothing to close."""
+    await p2p.shutdown()
+    p2p._client = p2p._listen_task = p2p._reader_task = None

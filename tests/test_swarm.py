@@ -1,0 +1,244 @@
+"""The swarm (bytelm.swarm): real `bytelm swarm serve` processes on loopback, each started in its own session and
+killed by process group; the client in this process. Invariants: through the swarm equals local (greedy, byte for
+byte; loss; a fine-tune), also after a server is killed with SIGKILL mid-generation; a server that joins later is
+used; a lying server is caught by the spot check; malformed requests get errors and the server goes on."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("hivemind")
+pytest.importorskip("peft")
+
+from bytelm import Megabyte, MegabyteConfig  # noqa: E402
+from bytelm.generation.engine import Engine, SamplingParams  # noqa: E402
+from bytelm.swarm import ServerFailed, SwarmError, remote_model, swarm_lora  # noqa: E402
+
+HERE = Path(__file__).parent
+READY = re.compile(r"serving blocks (\d+):(\d+) .* peer (\S+); .* --initial-peers (\S+)")
+CLIENT = dict(request_timeout=10.0, refresh_period=0.2, ban_seconds=30.0)
+
+
+class Server:
+    def __init__(self, folder, *args, liar: bool = False) -> None:
+        cmd = [sys.executable, str(HERE / "swarm_liar.py")] if liar else [sys.executable, "-m", "bytelm.cli", "swarm",
+                                                                          "serve"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([*cmd, str(folder), "--threads", "1", "--announce-period", "2",
+                                      "--max-cache-mb", "64", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = READY.search(line)
+            if m:
+                self.span, self.peer, self.addr = (int(m[1]), int(m[2])), m[3], m[4]
+                self.ready.set()
+
+    def wait(self, timeout: float = 90.0) -> Server:
+        if not self.ready.wait(timeout):
+            self.kill()
+            raise AssertionError("server did not start:\n" + "".join(self.lines[-30:]))
+        return self
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = MegabyteConfig(**{**MegabyteConfig.presets["tiny"], "global_layers": 4})
+    path = tmp_path_factory.mktemp("swarm") / "model"
+    Megabyte(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(folder):
+    return Megabyte.from_pretrained(folder)
+
+
+def start(folder, spans, first=None, **kw) -> list[Server]:
+    """Servers for `spans` (each "I:J" or None for --num-blocks 1), joined through `first` (or the first of them)."""
+    servers = []
+    if first is None:
+        first = Server(folder, "--blocks", spans[0]).wait()
+        servers.append(first)
+        spans = spans[1:]
+    servers += [Server(folder, "--blocks", s, "--initial-peers", first.addr, **kw) for s in spans]
+    for s in servers:
+        s.wait()
+    return servers
+
+
+@pytest.fixture(scope="module")
+def swarm(folder):
+    servers = start(folder, ["0:2", "1:4", "2:4"])  # overlapping spans
+    yield servers
+    for s in servers:
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def remote(folder, swarm):
+    m = remote_model(str(folder), [swarm[0].addr], **CLIENT)
+    yield m
+    m.swarm.close()
+
+
+PROMPT = b"def main(argv):\n    return "
+
+
+def test_generation_through_the_swarm_equals_local(remote, local):
+    assert remote.generate(PROMPT, 48, temperature=0) == local.generate(PROMPT, 48, temperature=0)
+    # a continuous batch: rows at different positions (per-row positions and row subsets on the servers)
+    prompts = [b"", b"import os\n", PROMPT, b"class A:\n    def __init__(self):"]
+    params = SamplingParams(max_new_bytes=21, temperature=0)
+    engine, got = Engine(remote, max_streams=3), [bytearray() for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, lambda o, i=i: got[i].extend(o.data))
+    while engine.active or engine.queued:
+        engine.step()
+    assert [bytes(g) for g in got] == [local.generate(p, 21, temperature=0) for p in prompts]
+
+
+def test_loss_through_the_swarm_equals_local(remote, local):
+    x = torch.randint(0, 256, (2, 64))
+    assert torch.allclose(remote.loss(x), local.loss(x), atol=1e-5)
+
+
+def test_bad_requests_get_errors_and_the_server_goes_on(remote, swarm):
+    c, peer = remote.swarm, swarm[0].peer  # blocks 0:2, width 64
+    good = {"session": "s" * 16, "batch": 2, "max_len": 8, "start": 0, "end": 2}
+    c.call(peer, "open", [], good)
+    x = torch.zeros(2, 1, 64)
+    bad = [
+        ("step", [x], {"session": "nope" * 4, "calls": [{"pos": 0}]}, "unknown session"),
+        ("step", [x.double()], {"session": "s" * 16, "calls": [{"pos": 0}]}, "x must be float32"),
+        ("step", [torch.zeros(2, 1, 63)], {"session": "s" * 16, "calls": [{"pos": 0}]}, "x must be"),
+        ("step", [x * float("nan")], {"session": "s" * 16, "calls": [{"pos": 0}]}, "inf or nan"),
+        ("step", [x], {"session": "s" * 16, "calls": [{"pos": 8}]}, "pos must be"),
+        ("step", [x[:1]], {"session": "s" * 16, "calls": [{"pos": 0, "rows": [5]}]}, "a row must be"),
+        ("step", [x], {"session": "s" * 16, "calls": [{"pos": [0, 1], "span": 1}]}, "span must be"),
+        ("step", [x, x], {"session": "s" * 16, "calls": [{"pos": 0}]}, "one tensor per call"),
+        ("open", [], {**good, "session": "t" * 16, "start": 1, "end": 3}, "end must be"),
+        ("open", [], {**good, "session": "u" * 16, "batch": 1024, "max_len": 512}, "refused"),
+        ("forward", [torch.zeros(1, 5000, 64)], {"start": 0, "end": 2}, "allowed"),
+        ("launch", [], {}, "unknown operation"),
+    ]
+    for op, tensors, meta, why in bad:
+        with pytest.raises(ServerFailed, match=why):
+            c.call(peer, op, tensors, meta)
+    outs, _ = c.call(peer, "step", [x], {"session": "s" * 16, "calls": [{"pos": 0}]})  # still serving
+    assert outs[0].shape == x.shape and torch.isfinite(outs[0]).all()
+    assert c.info(peer)["errors"] >= len(bad)
+
+
+def test_finetune_through_the_swarm_equals_local(remote, local, folder):
+    from bytelm.finetune import load_adapter, save_adapter
+
+    def run(model):
+        torch.manual_seed(1)
+        peft_model = swarm_lora(model, rank=4)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        gen = torch.Generator().manual_seed(2)
+        losses = []
+        for _ in range(3):
+            loss = model.loss(torch.randint(0, 256, (2, 32), generator=gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        return peft_model, losses, state
+
+    local_copy = Megabyte.from_pretrained(folder)
+    remote_peft, remote_losses, remote_state = run(remote)
+    _, local_losses, local_state = run(local_copy)
+    assert remote_state.keys() == local_state.keys() and any("global_embed" in k for k in remote_state)
+    for k in local_state:
+        assert torch.allclose(remote_state[k], local_state[k], atol=1e-5), k
+    assert remote_losses == pytest.approx(local_losses, abs=1e-5)
+    assert remote_losses[-1] < remote_losses[0]
+    out = save_adapter(remote_peft, folder.parent / "adapter", remote.config, str(folder), None)
+    whole = load_adapter(out, base=folder)  # the adapter on the whole model, held locally
+    x = torch.randint(0, 256, (1, 40))
+    assert torch.allclose(whole.loss(x), remote_peft.get_base_model().loss(x), atol=1e-5)
+
+
+def test_a_server_killed_mid_generation_changes_nothing_and_a_late_joiner_is_used(folder, local):
+    servers = start(folder, ["0:4", "0:4"])
+    late = None
+    try:
+        m = remote_model(str(folder), [servers[0].addr], **CLIENT)
+        want = local.generate(PROMPT, 64, temperature=0)
+        got, killed = b"", None
+        for i, b in enumerate(m.stream(PROMPT, 64, temperature=0)):
+            got += b
+            if i == 20:  # kill -9 the server this generation runs on
+                killed = next(s for s in servers if m.swarm.info(s.peer)["steps"] > 0)
+                killed.kill()
+        assert got == want
+        assert m.swarm.stats["failovers"] >= 1 and m.swarm.stats["replayed_calls"] > 0
+        # a server joining now, faster than the one left, takes the next generation
+        late = Server(folder, "--blocks", "0:4", "--initial-peers", servers[0 if killed is servers[1] else 1].addr,
+                      "--throughput", "1000000").wait()
+        deadline = time.monotonic() + 30
+        while m.swarm.route(0, 4) != [(late.peer, 0, 4)]:
+            assert time.monotonic() < deadline, "the late server was never routed to"
+            time.sleep(0.5)
+        assert m.generate(PROMPT, 16, temperature=0) == local.generate(PROMPT, 16, temperature=0)
+        assert m.swarm.info(late.peer)["steps"] > 0
+        m.swarm.close()
+    finally:
+        for s in [*servers, late]:
+            if s is not None:
+                s.kill()
+
+
+def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
+    honest = start(folder, ["0:4", "0:4"])
+    liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest[0].addr, "--throughput", "1000000",
+                  liar=True).wait()  # the fastest: every route starts with it
+    try:
+        m = remote_model(str(folder), [honest[0].addr], verify_fraction=1.0, **CLIENT)
+        assert m.swarm.route(0, 4)[0][0] == liar.peer
+        assert m.generate(PROMPT, 40, temperature=0) == local.generate(PROMPT, 40, temperature=0)
+        assert m.swarm.liars == {liar.peer}
+        m.swarm.close()
+        unchecked = remote_model(str(folder), [honest[0].addr], **CLIENT)  # without the check, the lie gets through
+        assert unchecked.generate(PROMPT, 40, temperature=0) != local.generate(PROMPT, 40, temperature=0)
+        unchecked.swarm.close()
+    finally:
+        for s in [*honest, liar]:
+            s.kill()
+
+
+def test_no_server_for_a_span_is_one_clear_error(folder):
+    servers = start(folder, ["0:2"])
+    try:
+        m = remote_model(str(folder), [servers[0].addr], **CLIENT)
+        with pytest.raises(SwarmError, match="no server .* can serve blocks"):
+            m.generate(b"x", 4, temperature=0)
+        m.swarm.close()
+    finally:
+        servers[0].kill()
