@@ -58,6 +58,7 @@ class Suite:
     serve_bytes: int = 256  # generated per request
     serve_rounds: int = 3  # requests per stream (closed loop)
     serve_max_len: int = 1024  # the models' context while serving (sizes the preallocated caches)
+    swarm_bytes: int = 256  # generated per run through the swarm (benchmarks/swarm.py)
 
 
 def _pair(seq: int, **mb) -> tuple[MegabyteConfig, TransformerConfig, TransformerConfig]:

@@ -5,12 +5,7 @@ used; a lying server is caught by the spot check; malformed requests get errors 
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,46 +15,19 @@ import torch
 pytest.importorskip("hivemind")
 pytest.importorskip("peft")
 
+from benchmarks.swarm import Server as _Server  # noqa: E402
 from bytelm import Megabyte, MegabyteConfig  # noqa: E402
 from bytelm.generation.engine import Engine, SamplingParams  # noqa: E402
 from bytelm.swarm import ServerFailed, SwarmError, remote_model, swarm_lora  # noqa: E402
 
 HERE = Path(__file__).parent
-READY = re.compile(r"serving blocks (\d+):(\d+) .* peer (\S+); .* --initial-peers (\S+)")
 CLIENT = dict(request_timeout=10.0, refresh_period=0.2, ban_seconds=30.0)
 
 
-class Server:
-    def __init__(self, folder, *args, liar: bool = False) -> None:
-        cmd = [sys.executable, str(HERE / "swarm_liar.py")] if liar else [sys.executable, "-m", "bytelm.cli", "swarm",
-                                                                          "serve"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([*cmd, str(folder), "--threads", "1", "--announce-period", "2",
-                                      "--max-cache-mb", "64", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env, text=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = READY.search(line)
-            if m:
-                self.span, self.peer, self.addr = (int(m[1]), int(m[2])), m[3], m[4]
-                self.ready.set()
-
-    def wait(self, timeout: float = 90.0) -> Server:
-        if not self.ready.wait(timeout):
-            self.kill()
-            raise AssertionError("server did not start:\n" + "".join(self.lines[-30:]))
-        return self
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+def Server(folder, *args, liar: bool = False) -> _Server:
+    """A real server process (benchmarks.swarm.Server), announcing every 2 s, with a 64 MiB cache budget."""
+    cmd = [sys.executable, str(HERE / "swarm_liar.py")] if liar else None
+    return _Server(folder, "--announce-period", "2", "--max-cache-mb", "64", *args, cmd=cmd)
 
 
 @pytest.fixture(scope="module")
