@@ -2,6 +2,7 @@
 
     bytelm swarm serve MODEL [--blocks I:J | --num-blocks N] [--initial-peers ADDR ...] [--host H] [--port P]
     bytelm swarm generate MODEL --initial-peers ADDR ... [--prompt TEXT] [--max-bytes N] [--verify-fraction F]
+    bytelm swarm finetune BASE --initial-peers ADDR ... [bytelm finetune's options]
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _blocks(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "generate"):
-        raise UsageError("usage: bytelm swarm serve MODEL ... | bytelm swarm generate MODEL --initial-peers ADDR ...")
+    if not argv or argv[0] not in ("serve", "generate", "finetune"):
+        raise UsageError("usage: bytelm swarm serve MODEL ... | bytelm swarm generate MODEL --initial-peers ADDR ... | "
+                         "bytelm swarm finetune BASE --initial-peers ADDR ...")
     try:
         import hivemind  # noqa: F401
     except ImportError:
@@ -77,6 +79,8 @@ def main(argv: list[str]) -> int:
                    args.throughput, args.threads, log=lambda m: print(f"bytelm swarm serve: {m}", file=sys.stderr,
                                                                        flush=True))
         return 0
+    if argv[0] == "finetune":
+        return _finetune(argv[1:])
     args = parse(SwarmGenerateArgs, argv[1:], "bytelm swarm generate")
     if not args.initial_peers:
         raise UsageError("name at least one peer of the swarm: --initial-peers ADDR")
@@ -93,3 +97,24 @@ def main(argv: list[str]) -> int:
         return emit(model, args, prompt)
     finally:
         model.swarm.close()
+
+
+def _finetune(argv: list[str]) -> int:
+    from ..swarm import SwarmFinetuneConfig, swarm_finetune
+    from .finetune import FinetuneArgs
+    from .runconfig import parse_run_config
+
+    @dataclass
+    class SwarmFinetuneArgs(FinetuneArgs, SwarmFinetuneConfig):
+        """`bytelm finetune` through a swarm: LoRA on the local model and the global byte embedding, trained here;
+        the global blocks run on the swarm's servers, frozen, which return the gradients for their inputs."""
+
+        lora_target: str = "local"  # always local through a swarm
+
+    cfg, args = parse_run_config(SwarmFinetuneConfig, SwarmFinetuneArgs, argv, "bytelm swarm finetune")
+    result = swarm_finetune(cfg, resume=args.resume)
+    if result.get("val_bpb") is not None:
+        base = result.get("base_val_bpb")
+        print(f"done: step {result['step']}, validation bpb {result['val_bpb']:.3f}"
+              f"{f' (the base: {base:.3f})' if base is not None else ''}. Adapter: {cfg.out_dir}")
+    return 0

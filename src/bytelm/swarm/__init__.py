@@ -3,10 +3,11 @@ remote stack's blocks (bytelm.swarm.server); a client holds the rest and routes 
 servers (bytelm.swarm.client). Needs `pip install bytelm[swarm]` (hivemind)."""
 
 from .client import RemoteSession, RemoteStack, ServerFailed, SwarmClient, remote_model
-from .finetune import swarm_lora
+from .finetune import SwarmFinetuneConfig, swarm_finetune, swarm_lora
 from .server import SpanServer, run_server
 from .spans import load_client_parts, load_span, swarm_name
 from .wire import SwarmError
 
 __all__ = ["RemoteSession", "RemoteStack", "ServerFailed", "SpanServer", "SwarmClient", "SwarmError",
-           "load_client_parts", "load_span", "remote_model", "run_server", "swarm_lora", "swarm_name"]
+           "SwarmFinetuneConfig", "load_client_parts", "load_span", "remote_model", "run_server", "swarm_finetune",
+           "swarm_lora", "swarm_name"]

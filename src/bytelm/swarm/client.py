@@ -17,6 +17,7 @@ Function per server in the chain: servers return the gradient for their input an
 from __future__ import annotations
 
 import asyncio
+import atexit
 import random
 import re
 import time
@@ -81,6 +82,7 @@ class SwarmClient:
             raise SwarmError(f"cannot join the swarm through {', '.join(initial_peers) or 'no initial peers'}: "
                              f"{_short(e)}") from None
         self.p2p = RemoteExpertWorker.run_coroutine(self.dht.replicate_p2p())
+        atexit.register(self.close)  # before interpreter shutdown, where hivemind's P2P.__del__ would print tracebacks
 
     def close(self) -> None:
         if self.p2p is not None:
