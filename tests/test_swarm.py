@@ -120,6 +120,18 @@ def test_bad_requests_get_errors_and_the_server_goes_on(remote, swarm):
     assert c.info(peer)["errors"] >= len(bad)
 
 
+def test_payloads_over_the_unary_limit_are_streamed(remote, local, swarm):
+    from bytelm.swarm import wire
+
+    x = torch.randn(17, 512, 64)  # 2.1 MiB: over hivemind's 2 MiB unary limit, in chunks both ways
+    assert wire.is_large(wire.pack([x], {})[0])
+    sent = remote.swarm.stats["bytes_sent"]
+    got = remote.swarm.stateless("forward", [x], 0, 2, prefer=swarm[0].peer)
+    assert remote.swarm.stats["bytes_sent"] - sent > x.numel() * 4
+    with torch.inference_mode():
+        assert torch.allclose(got, local.global_model.run_blocks(x, 0, 2), atol=1e-5)
+
+
 def test_finetune_through_the_swarm_equals_local(remote, local, folder):
     from bytelm.finetune import load_adapter, save_adapter
 
@@ -154,7 +166,8 @@ def test_finetune_through_the_swarm_equals_local(remote, local, folder):
 
 
 def test_a_server_killed_mid_generation_changes_nothing_and_a_late_joiner_is_used(folder, local):
-    servers = start(folder, ["0:4", "0:4"])
+    first = Server(folder, "--blocks", "0:4", "--throughput", "10").wait()  # announced slow: a faster one wins
+    servers = [first, Server(folder, "--blocks", "0:4", "--throughput", "10", "--initial-peers", first.addr).wait()]
     late = None
     try:
         m = remote_model(str(folder), [servers[0].addr], **CLIENT)
@@ -210,3 +223,43 @@ def test_no_server_for_a_span_is_one_clear_error(folder):
         m.swarm.close()
     finally:
         servers[0].kill()
+
+
+def test_cli_errors_are_one_line(folder, capsys):
+    from bytelm.cli import main
+
+    for argv, why in [(["swarm"], "usage: bytelm swarm serve"),
+                      (["swarm", "generate", str(folder), "--prompt", "x"], "name at least one peer"),
+                      (["swarm", "serve", str(folder), "--blocks", "3:1"], "not a span of this model's 4 blocks"),
+                      (["swarm", "serve", str(folder), "--blocks", "a:b"], "--blocks must be I:J"),
+                      (["swarm", "finetune", str(folder)], "name at least one peer")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1, err
+
+
+def test_routing_and_span_choice():
+    from bytelm.swarm.registry import Bans, ServerInfo, choose_span, route
+
+    def info(a, b, tp=100.0, free=1 << 30):
+        return ServerInfo(a, b, tp, free)
+
+    infos = {"A": info(0, 2), "B": info(2, 4), "C": info(0, 4, tp=100.0), "D": info(1, 3, tp=1e6)}
+    assert route(infos, 0, 4) == [("C", 0, 4)]  # one hop beats two of the same speed
+    assert route(infos, 0, 4, avoid=lambda p: p == "C") in ([("A", 0, 2), ("B", 2, 4)],
+                                                             [("A", 0, 1), ("D", 1, 3), ("B", 3, 4)])
+    assert route(infos, 0, 4, avoid=lambda p: p in "CB") == []  # nobody holds block 3
+    assert ("C", 0, 4) not in route(infos, 0, 4, cache_per_block=1 << 29)  # C has room for 2 blocks' sessions
+    assert route(infos, 0, 4, cache_per_block=1 << 31) == []  # nobody has room for one block's
+    assert route(infos, 1, 3, rtt={"D": 1.0, "C": 0.001}) == [("C", 1, 3)]  # a far server costs its round trip
+    assert choose_span({"A": info(0, 2), "C": info(0, 3)}, 4, 2) == (2, 4)  # block 3 is uncovered
+    assert choose_span({}, 4, 9) == (0, 4)
+    for bad in [{"start": 2, "end": 1, "throughput": 1.0, "cache_free": 0}, {"start": 0}, "x",
+                {"start": 0, "end": 1, "throughput": float("nan"), "cache_free": 0},
+                {"start": 0, "end": 1, "throughput": 1.0, "cache_free": 0, "state": "evil"}]:
+        assert ServerInfo.parse(bad) is None
+    bans = Bans(base=10.0)
+    bans.ban("A")
+    assert bans.banned("A") and not bans.banned("B")
+    bans.ban("A")
+    assert bans.until["A"] - time.monotonic() > 15  # doubled

@@ -111,6 +111,9 @@ def _finetune(argv: list[str]) -> int:
 
         lora_target: str = "local"  # always local through a swarm
 
+        def __post_init__(self) -> None:  # checked once parsed (as SwarmFinetuneConfig): one line, not tyro's box
+            pass
+
     cfg, args = parse_run_config(SwarmFinetuneConfig, SwarmFinetuneArgs, argv, "bytelm swarm finetune")
     result = swarm_finetune(cfg, resume=args.resume)
     if result.get("val_bpb") is not None:

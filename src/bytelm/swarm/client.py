@@ -73,6 +73,7 @@ class SwarmClient:
         self.bans = Bans(base=ban_seconds)
         self.liars: set[str] = set()
         self.infos: dict[str, ServerInfo] = {}
+        self.rtt: dict[str, float] = {}  # seconds, measured once per server
         self._seen = -1e9
         self.stats = {"messages": 0, "bytes_sent": 0, "bytes_received": 0, "failovers": 0, "verified": 0,
                       "replayed_calls": 0}
@@ -92,17 +93,28 @@ class SwarmClient:
 
     # --- who serves what ---------------------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> dict[str, ServerInfo]:
+        """The servers' announcements, looked up again when older than refresh_period; a server seen for the first
+        time is pinged (its round trip is what routing charges for one more hop)."""
         if force or time.monotonic() - self._seen > self.refresh_period:
             self.infos, self._seen = servers(self.dht, self.swarm, self.depth), time.monotonic()
+            for peer in self.infos:
+                if peer not in self.rtt and not self._avoid(peer):
+                    try:
+                        self.rtt[peer] = min(self._ping(peer) for _ in range(2))  # the first also connects
+                    except ServerFailed:
+                        self.bans.ban(peer)
         return self.infos
 
     def _avoid(self, peer: str) -> bool:
         return peer in self.liars or self.bans.banned(peer)
 
-    def route(self, a: int, b: int, exclude: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
-        """The best chain of (peer, a, b) over blocks a..b-1 among servers not banned; SwarmError if there is none."""
+    def route(self, a: int, b: int, exclude: tuple[str, ...] = (), cache_per_block: int = 0
+              ) -> list[tuple[str, int, int]]:
+        """The best chain of (peer, a, b) over blocks a..b-1 among servers not banned (and with cache_per_block
+        bytes of free cache per block); SwarmError if there is none."""
         for force in (False, True):
-            chain = route(self.refresh(force), a, b, lambda p: self._avoid(p) or p in exclude)
+            chain = route(self.refresh(force), a, b, lambda p: self._avoid(p) or p in exclude, self.rtt,
+                          cache_per_block)
             if chain:
                 return chain
         known = ", ".join(f"{p[-8:]} {i.start}:{i.end}{' (avoided)' if self._avoid(p) else ''}"
@@ -144,6 +156,11 @@ class SwarmClient:
             _, tensors, meta = await wire.join_stream(await stub.rpc_call_stream(requests()))
             return tensors, meta
         return await asyncio.wait_for(streamed(), timeout=self.request_timeout)
+
+    def _ping(self, peer: str) -> float:
+        t0 = time.perf_counter()
+        self.info(peer)
+        return time.perf_counter() - t0
 
     def info(self, peer: str) -> dict[str, Any]:
         return self.call(peer, "info", [], {})[1]
@@ -235,8 +252,9 @@ class Segment:
 class RemoteSession:
     """The remote stack's KV caches for `batch` rows of up to `max_len` positions: a chain of server sessions."""
 
-    def __init__(self, client: SwarmClient, batch: int, max_len: int) -> None:
+    def __init__(self, client: SwarmClient, batch: int, max_len: int, dim: int, itemsize: int = 4) -> None:
         self.client, self.batch, self.max_len = client, batch, max_len
+        self.cache_per_block = 2 * batch * max_len * dim * itemsize  # keys and values: what a server must hold
         self.chain: list[Segment] | None = None
 
     def _open(self, peer: str, a: int, b: int) -> Segment:
@@ -258,7 +276,7 @@ class RemoteSession:
             segs: list[Segment] = []
             try:
                 xs, calls = [h[0] for h in history], [h[1] for h in history]
-                for peer, a2, b2 in c.route(a, b):
+                for peer, a2, b2 in c.route(a, b, cache_per_block=self.cache_per_block):
                     seg = self._open(peer, a2, b2)
                     segs.append(seg)
                     if xs:
@@ -411,7 +429,7 @@ class RemoteStack(nn.Module):
         return self.norm(h)
 
     def new_caches(self, batch: int, max_len: int, device, dtype) -> RemoteSession:
-        return RemoteSession(self.client, batch, max_len)
+        return RemoteSession(self.client, batch, max_len, self.dim, torch.empty((), dtype=dtype).element_size())
 
 
 def remote_model(model: str, initial_peers: list[str], swarm: str | None = None, **client_options):

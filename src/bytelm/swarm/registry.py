@@ -124,9 +124,10 @@ HOP_SECONDS = 0.01  # what one more server in the chain costs beyond its compute
 
 
 def route(infos: dict[str, ServerInfo], start: int, end: int, avoid=lambda peer: False,
-          rtt: dict[str, float] | None = None) -> list[tuple[str, int, int]]:
+          rtt: dict[str, float] | None = None, cache_per_block: int = 0) -> list[tuple[str, int, int]]:
     """The cheapest chain of (peer, a, b) covering blocks start..end-1: shortest path over block boundaries, where
-    serving blocks a..b-1 costs a server its round trip plus (b - a) / (its throughput per block). [] if none."""
+    serving blocks a..b-1 costs a server its round trip plus (b - a) / (its throughput per block), and a server
+    whose announced free cache is under (b - a) * cache_per_block bytes cannot serve them. [] if none."""
     rtt = rtt or {}
     best = {start: 0.0}
     prev: dict[int, tuple[int, str]] = {}
@@ -142,6 +143,8 @@ def route(infos: dict[str, ServerInfo], start: int, end: int, avoid=lambda peer:
                 continue
             per_block = 1.0 / (info.throughput * (info.end - info.start))
             for b in range(a + 1, min(info.end, end) + 1):
+                if info.cache_free < (b - a) * cache_per_block:
+                    break
                 c = cost + rtt.get(peer, HOP_SECONDS) + (b - a) * per_block
                 if c < best.get(b, math.inf):
                     best[b], prev[b] = c, (a, peer)

@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+
+# typing's AsyncIterator, not collections.abc's: hivemind's ServicerBase tells a streaming rpc_* by typing's name
+from typing import Any, AsyncIterator  # noqa: UP035
 
 import torch
 from hivemind.dht import DHT
@@ -254,19 +257,31 @@ def run_server(model: str, swarm: str, blocks: tuple[int, int] | None = None, nu
         torch.set_num_threads(threads)
     config = read_config(model)
     _, depth = remote_stack(config)
+    stack = None if blocks is None else load_span(model, *blocks)[1]  # a bad span fails before joining anything
     dht = DHT(initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/{port}"], start=True)
+    dht.run_coroutine(partial(_exit_with_parent, parent=os.getpid()), return_future=True)
     try:
         if blocks is None:
             start, end = choose_span(servers(dht, swarm, depth), depth, num_blocks or depth)
+            _, stack = load_span(model, start, end)
         else:
             start, end = blocks
-        _, stack = load_span(model, start, end)
         tp = throughput or measure_throughput(stack)
         server = SpanServer(stack, start, end, max_cache_bytes=int(max_cache_mb * 2**20),
                             session_timeout=session_timeout)
         asyncio.run(_serve(dht, server, swarm, tp, announce_period, log))
     finally:
         dht.shutdown()
+
+
+async def _exit_with_parent(dht, node, parent: int) -> None:
+    """Runs inside the DHT's process: hivemind's DHT process (and its p2p daemon) outlive a server killed with
+    SIGKILL alone, holding ports and announcing a peer that answers nothing. End them with their parent."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(node.shutdown(), timeout=5.0)  # stops the p2p daemon it started
+    os._exit(0)
 
 
 async def _serve(dht: DHT, server: SpanServer, swarm: str, tp: float, period: float, log) -> None:
