@@ -263,3 +263,17 @@ def test_routing_and_span_choice():
     assert bans.banned("A") and not bans.banned("B")
     bans.ban("A")
     assert bans.until["A"] - time.monotonic() > 15  # doubled
+
+
+def test_the_openai_server_in_front_of_the_swarm(folder, local, swarm):
+    pytest.importorskip("fastapi")
+    from tests.test_serve import Server as HttpServer
+
+    http = HttpServer(folder, "--initial-peers", swarm[0].addr)
+    try:
+        r = http.post("/v1/completions", {"model": str(folder), "prompt": "def ", "max_tokens": 24, "temperature": 0})
+        assert r.status_code == 200, r.text
+        want = local.generate(b"def ", 24, temperature=0).decode("utf-8", errors="replace")
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        http.kill()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .models import ModelArg, load
+from .models import ModelArg, load, load_remote
 from .options import parse
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -31,6 +32,10 @@ class ServeArgs:
     drain_timeout: float = 30.0  # seconds running streams get to finish on shutdown
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_level: str = "info"  # uvicorn's: critical | error | warning | info | debug
+    initial_peers: list[str] = dataclasses.field(default_factory=list)
+    """serve MODEL with its global model on the swarm reached through these peers (bytelm swarm serve)"""
+    swarm: str | None = None  # with --initial-peers: the swarm's name in the DHT (default: derived from MODEL)
+    verify_fraction: float = 0.0  # with --initial-peers: spot-check this fraction of the servers' steps
 
 
 def main(argv: list[str]) -> int:
@@ -50,7 +55,11 @@ def main(argv: list[str]) -> int:
     if args.host not in LOOPBACK and args.api_key is None:
         print(f"bytelm serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use "
               "it", file=sys.stderr)
-    model = load(args.model, args.device, args.adapter, merge=True)
+    if args.initial_peers:
+        model = load_remote(args.model, args.adapter, args.initial_peers, args.swarm, merge=True,
+                            verify_fraction=args.verify_fraction)
+    else:
+        model = load(args.model, args.device, args.adapter, merge=True)
     model.eval()
     name = args.model_name or args.model or args.adapter
     engine = Engine(model, max_streams=args.max_streams, max_queue=args.max_queue)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from .generate import GenerateArgs, emit, prompt_bytes
-from .models import ModelArg
+from .models import ModelArg, load_remote
 from .options import parse
 
 
@@ -85,15 +85,9 @@ def main(argv: list[str]) -> int:
     if not args.initial_peers:
         raise UsageError("name at least one peer of the swarm: --initial-peers ADDR")
     prompt = prompt_bytes(args)
-    from ..swarm import remote_model
-
-    model = remote_model(args.model, args.initial_peers, args.swarm, verify_fraction=args.verify_fraction,
-                         request_timeout=args.request_timeout)
+    model = load_remote(args.model, args.adapter, args.initial_peers, args.swarm,
+                        verify_fraction=args.verify_fraction, request_timeout=args.request_timeout)
     try:
-        if args.adapter is not None:
-            from ..finetune import attach
-
-            model = attach(model, args.adapter, check_weights=False).get_base_model()
         return emit(model, args, prompt)
     finally:
         model.swarm.close()
