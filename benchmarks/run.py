@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import generation, long_context, quality, serving, suites, training
+from . import generation, long_context, quality, serving, suites, swarm, training
 from .common import RESULTS, machine
 
 BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context, "quality": quality,
-              "serving": serving}
+              "serving": serving, "swarm": swarm}
 
 
 def summary(results: dict, suite: suites.Suite, out: Path) -> str:
@@ -83,6 +83,14 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         rows.append(f"| serving: aggregate bytes/s at {top} streams vs. 1 (continuous batching, greedy) | "
                     f"{rate[int(top)]:,.0f} | 1 stream: {rate[1]:,.0f}; ByteTransformer at {top}: "
                     f"{tf['speedup_vs_1_stream'][top]:.1f}x its 1 | **{mb['speedup_vs_1_stream'][top]:.1f}x** |")
+    sw = results.get("swarm")
+    if sw:
+        gen = {r["servers"]: r["bytes_per_s"] for r in sw["generation"]}
+        tr = {r["model"]: r["messages"] for r in sw["traffic"]}
+        rows.append(f"| swarm on loopback: bytes/s with the global model on 1 server vs. local; messages per byte | "
+                    f"{gen[1]:,.0f} ({gen[1] / gen[0]:.2f}x local); {tr['MEGABYTE']:.3f} msg/byte | ByteTransformer "
+                    f"served the same way: {tr['byte transformer']:.3f} msg/byte | "
+                    f"**{tr['byte transformer'] / tr['MEGABYTE']:.1f}x fewer messages** |")
     threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
     head = (f"Suite `{suite.name}`, {time.strftime('%Y-%m-%d')}: torch {m['torch']}, {threads}, "
             f"{m['cpu_count']} CPUs, {m['cuda'] or 'no GPU'}. Details and raw timings: "

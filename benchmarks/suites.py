@@ -89,5 +89,5 @@ def get(name: str) -> Suite:
                      train_steps=2, train_repeats=1, train_compile=False, long_lengths=[256, 1024],
                      long_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
-                     serve_concurrency=[1, 4], serve_bytes=16, serve_rounds=1, serve_max_len=256)
+                     serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256)
     raise SystemExit(f"unknown suite {name!r}: choose quick, full or smoke")
