@@ -5,6 +5,7 @@ used; a lying server is caught by the spot check; malformed requests get errors 
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -277,3 +278,23 @@ def test_the_openai_server_in_front_of_the_swarm(folder, local, swarm):
         assert r.json()["choices"][0]["text"] == want
     finally:
         http.kill()
+
+
+def test_swarm_finetune_cli_lowers_validation_bpb(folder, swarm, tmp_path, capsys):
+    from bytelm.cli import main
+    from bytelm.finetune import load_adapter
+
+    out = tmp_path / "ft"
+    assert main(["swarm", "finetune", str(folder), "--initial-peers", swarm[0].addr, "--max-steps", "12", "--lr",
+                 "1e-2", "--warmup-steps", "2", "--seq-len", "128", "--batch-size", "4", "--eval-interval", "12",
+                 "--out-dir", str(out)]) == 0
+    done = re.search(r"validation bpb ([\d.]+) \(the base: ([\d.]+)\)", capsys.readouterr().out)
+    assert done and float(done[1]) < float(done[2]), done
+    from safetensors import safe_open
+
+    from bytelm.io import latest_checkpoint
+
+    with safe_open(str(latest_checkpoint(out) / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any("global_embed" in n for n in names) and any("local_model" in n and "lora_A" in n for n in names)
+    load_adapter(out, base=folder)  # the adapter loads on the whole model, like any other
