@@ -5,7 +5,9 @@ used; a lying server is caught by the spot check; malformed requests get errors 
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -298,3 +300,21 @@ def test_swarm_finetune_cli_lowers_validation_bpb(folder, swarm, tmp_path, capsy
         names = list(f.keys())
     assert any("global_embed" in n for n in names) and any("local_model" in n and "lora_A" in n for n in names)
     load_adapter(out, base=folder)  # the adapter loads on the whole model, like any other
+
+
+def test_a_server_that_hangs_is_timed_out_and_replaced(folder, local):
+    servers = start(folder, ["0:4", "0:4"])
+    try:
+        m = remote_model(str(folder), [servers[0].addr], **{**CLIENT, "request_timeout": 3.0})
+        got = b""
+        for i, b in enumerate(m.stream(PROMPT, 40, temperature=0)):
+            got += b
+            if i == 10:  # freeze (SIGSTOP) the server in use: it neither answers nor closes its connections
+                hung = next(s for s in servers if m.swarm.info(s.peer)["steps"] > 0)
+                os.killpg(hung.proc.pid, signal.SIGSTOP)
+        assert got == local.generate(PROMPT, 40, temperature=0)
+        assert m.swarm.stats["failovers"] >= 1 and m.swarm.bans.banned(hung.peer)
+        m.swarm.close()
+    finally:
+        for s in servers:
+            s.kill()  # SIGKILL ends a stopped process too
