@@ -318,3 +318,29 @@ def test_a_server_that_hangs_is_timed_out_and_replaced(folder, local):
     finally:
         for s in servers:
             s.kill()  # SIGKILL ends a stopped process too
+
+
+def test_a_long_running_engine_keeps_a_bounded_history_and_survives_a_kill(folder, local):
+    servers = start(folder, ["0:4", "0:4"])
+    try:
+        m = remote_model(str(folder), [servers[0].addr], **CLIENT)
+        prompts = [b"import os\n", PROMPT, b"", b"class A:", b"x = [", b"def f(a, b):", b"# a comment\n", b"if x:"]
+        params = SamplingParams(max_new_bytes=19, temperature=0)
+        engine, got = Engine(m, max_streams=2), [bytearray() for _ in prompts]
+        for i, p in enumerate(prompts):
+            engine.submit(p, params, lambda o, i=i: got[i].extend(o.data))
+        steps, killed = 0, False
+        while engine.active or engine.queued:
+            engine.step()
+            steps += 1
+            if steps == 60 and not killed:  # mid-way through the requests: kill -9 the server in use
+                next(s for s in servers if m.swarm.info(s.peer)["steps"] > 0).kill()
+                killed = True
+        assert [bytes(g) for g in got] == [local.generate(p, 19, temperature=0) for p in prompts]
+        session = engine.state.global_kv
+        assert m.swarm.stats["failovers"] >= 1
+        # the history holds what the 2 rows' caches need, not every global step the engine ran
+        assert len(session.chain[0].history) < engine.state.global_steps / 2
+    finally:
+        for s in servers:
+            s.kill()

@@ -256,6 +256,7 @@ class RemoteSession:
         self.client, self.batch, self.max_len = client, batch, max_len
         self.cache_per_block = 2 * batch * max_len * dim * itemsize  # keys and values: what a server must hold
         self.chain: list[Segment] | None = None
+        self.live: list[set[int]] = []  # per call of the history: the rows it wrote that no later prefill rewrote
 
     def _open(self, peer: str, a: int, b: int) -> Segment:
         seg = Segment(peer, a, b, new_session_id())
@@ -307,7 +308,8 @@ class RemoteSession:
                 failures += 1
                 if failures > c.max_failures:
                     raise SwarmError(f"blocks {seg.a}:{seg.b} failed {failures} times in one step; last: {e}") from None
-                c.bans.ban(seg.peer)
+                if "unknown session" not in str(e):  # not an idle session the server let go: a failed server
+                    c.bans.ban(seg.peer)
                 c.stats["failovers"] += 1
                 self._close(seg)
                 self.chain[i:i + 1] = self._build(seg.a, seg.b, seg.history)
@@ -317,7 +319,26 @@ class RemoteSession:
                 out = self._verify(seg, h, call, out)
             seg.history.append((h, call))
             h, i = out, i + 1
+        self._forget(call)
         return h
+
+    def _forget(self, call: dict) -> None:
+        """Keep the history as short as the caches need: a prefill of rows from position 0 rewrites them, so calls
+        before it that wrote only such rows are dropped (a long-running engine's history stays bounded by its
+        live rows). Rows are independent in every block, so what replaying the rest gives the live rows is
+        unchanged."""
+        rows = set(range(self.batch)) if call["rows"] is None else set(call["rows"])
+        if call["pos"] == 0:
+            for live in self.live:
+                live -= rows
+        self.live.append(rows)
+        drop = {j for j, live in enumerate(self.live) if not live}
+        if not drop:
+            return
+        self.live = [live for j, live in enumerate(self.live) if j not in drop]
+        for seg in self.chain:
+            seg.history = [h for j, h in enumerate(seg.history) if j not in drop]
+            seg.synced -= sum(1 for j in drop if j < seg.synced)  # the verifier holds those rows' old values: fine
 
     def _verify(self, seg: Segment, x: torch.Tensor, call: dict, out: torch.Tensor) -> torch.Tensor:
         """Spot check a step: a second server holding seg's blocks (kept in step by replaying what it missed) runs
