@@ -228,6 +228,15 @@ def test_no_server_for_a_span_is_one_clear_error(folder):
         servers[0].kill()
 
 
+def test_status_lists_the_servers_and_the_gaps(folder, swarm, capsys):
+    from bytelm.cli import main
+
+    assert main(["swarm", "status", str(folder), "--initial-peers", swarm[0].addr]) == 0
+    out = capsys.readouterr().out
+    assert "3 server(s) online for 4 blocks" in out and "blocks nobody serves: none" in out
+    assert all(s.peer in out for s in swarm) and "blocks 1:4" in out
+
+
 def test_cli_errors_are_one_line(folder, capsys):
     from bytelm.cli import main
 

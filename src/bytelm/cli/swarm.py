@@ -3,6 +3,7 @@
     bytelm swarm serve MODEL [--blocks I:J | --num-blocks N] [--initial-peers ADDR ...] [--host H] [--port P]
     bytelm swarm generate MODEL --initial-peers ADDR ... [--prompt TEXT] [--max-bytes N] [--verify-fraction F]
     bytelm swarm finetune BASE --initial-peers ADDR ... [bytelm finetune's options]
+    bytelm swarm status MODEL --initial-peers ADDR ...
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ class SwarmServeArgs:
 
 
 @dataclass
+class SwarmStatusArgs:
+    """The servers of the model's swarm: their blocks, throughput, free cache and round trip from here, and how well
+    each block is covered (a block nobody serves means no generation)."""
+
+    model: ModelArg = None
+    """a model folder, a training run folder or a hub id (org/name)"""
+    initial_peers: list[str] = dataclasses.field(default_factory=list)  # multiaddrs of peers in the swarm
+    swarm: str | None = None  # the swarm's name in the DHT (default: derived from the model)
+
+
+@dataclass
 class SwarmGenerateArgs(GenerateArgs):
     """Generates like `bytelm generate`, with the global model served by the swarm: the local model, embeddings and
     head run here, the global blocks on the servers (crossed once per patch). A server that dies mid-generation is
@@ -58,9 +70,10 @@ def _blocks(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("serve", "generate", "finetune"):
+    if not argv or argv[0] not in ("serve", "generate", "finetune", "status"):
         raise UsageError("usage: bytelm swarm serve MODEL ... | bytelm swarm generate MODEL --initial-peers ADDR ... | "
-                         "bytelm swarm finetune BASE --initial-peers ADDR ...")
+                         "bytelm swarm finetune BASE --initial-peers ADDR ... | bytelm swarm status MODEL "
+                         "--initial-peers ADDR ...")
     try:
         import hivemind  # noqa: F401
     except ImportError:
@@ -81,6 +94,8 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[0] == "finetune":
         return _finetune(argv[1:])
+    if argv[0] == "status":
+        return _status(argv[1:])
     args = parse(SwarmGenerateArgs, argv[1:], "bytelm swarm generate")
     if not args.initial_peers:
         raise UsageError("name at least one peer of the swarm: --initial-peers ADDR")
@@ -115,3 +130,30 @@ def _finetune(argv: list[str]) -> int:
         print(f"done: step {result['step']}, validation bpb {result['val_bpb']:.3f}"
               f"{f' (the base: {base:.3f})' if base is not None else ''}. Adapter: {cfg.out_dir}")
     return 0
+
+
+def _status(argv: list[str]) -> int:
+    args = parse(SwarmStatusArgs, argv, "bytelm swarm status")
+    if not args.initial_peers:
+        raise UsageError("name at least one peer of the swarm: --initial-peers ADDR")
+    from ..swarm import SwarmClient, swarm_name
+    from ..swarm.registry import coverage
+    from ..swarm.spans import read_config, remote_stack
+
+    _, depth = remote_stack(read_config(args.model))
+    name = args.swarm or swarm_name(args.model)
+    client = SwarmClient(name, depth, args.initial_peers)
+    try:
+        infos = client.refresh(force=True)
+        print(f"swarm {name}: {len(infos)} server(s) online for {depth} blocks")
+        for peer, i in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[0])):
+            rtt = client.rtt.get(peer)
+            print(f"  {peer}  blocks {i.start}:{i.end}  {i.throughput:,.0f} steps/s  "
+                  f"{i.cache_free / 2**20:,.0f} MiB cache free  "
+                  f"{'unreachable' if rtt is None else f'{rtt * 1000:.1f} ms'}  (bytelm {i.version or '?'})")
+        cov = coverage(infos, depth)
+        gaps = [b for b, c in enumerate(cov) if c == 0]
+        print("blocks nobody serves: " + (", ".join(map(str, gaps)) if gaps else "none"))
+        return 1 if gaps else 0
+    finally:
+        client.close()
