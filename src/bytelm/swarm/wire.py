@@ -73,11 +73,18 @@ def stream_parts(make, op: str, protos: list[runtime_pb2.Tensor], meta: bytes):
         yield make(**head)
 
 
-async def join_stream(messages: AsyncIterator) -> tuple[str, list[runtime_pb2.Tensor], bytes]:
+MAX_STREAM_BYTES = 1 << 30  # what one streamed request may carry in all: a server reads no more than this
+
+
+async def join_stream(messages: AsyncIterator, limit: int = MAX_STREAM_BYTES
+                      ) -> tuple[str, list[runtime_pb2.Tensor], bytes]:
     """(op, whole serialized tensors, metadata) of a streamed payload: chunks of a tensor follow its first part,
-    which alone carries a dtype."""
-    op, meta, tensors, parts = "", b"", [], []
+    which alone carries a dtype. More than `limit` bytes in all is refused."""
+    op, meta, tensors, parts, total = "", b"", [], [], 0
     async for msg in messages:
+        total += msg.ByteSize()
+        if total > limit:
+            raise BadMessage(f"a streamed message over {limit / 2**20:.0f} MiB")
         if getattr(msg, "uid", ""):
             op = msg.uid
         if msg.metadata:
