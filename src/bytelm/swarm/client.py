@@ -299,7 +299,18 @@ class RemoteSession:
         c = self.client
         if self.chain is None:
             self.chain = self._build(0, c.depth, [])
-        h, i, failures = x.detach(), 0, 0
+        try:
+            h = self._through_chain(x.detach(), call)
+        except BaseException:  # the step did not happen: no segment may keep it in its history
+            for seg in self.chain:
+                if seg.history and seg.history[-1][1] is call:
+                    seg.history.pop()
+            raise
+        self._forget(call)
+        return h
+
+    def _through_chain(self, h: torch.Tensor, call: dict) -> torch.Tensor:
+        c, i, failures = self.client, 0, 0
         while i < len(self.chain):
             seg = self.chain[i]
             try:
@@ -312,6 +323,7 @@ class RemoteSession:
                     c.bans.ban(seg.peer)
                 c.stats["failovers"] += 1
                 self._close(seg)
+                self._close(seg.verifier)
                 self.chain[i:i + 1] = self._build(seg.a, seg.b, seg.history)
                 continue
             c.bans.ok(seg.peer)
@@ -319,7 +331,6 @@ class RemoteSession:
                 out = self._verify(seg, h, call, out)
             seg.history.append((h, call))
             h, i = out, i + 1
-        self._forget(call)
         return h
 
     def _forget(self, call: dict) -> None:
