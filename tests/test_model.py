@@ -55,7 +55,7 @@ def test_all_zero_sequence_trains(model):
         model.loss(x).backward()
         opt.step()
     last = model.loss(x).item()
-    assert first > math.log(256) - 0.5
+    assert first > math.log(256) - 1.0  # near uniform (fan_in init's logits start wider than GPT-2's)
     assert last < 0.1 * first
 
 
