@@ -42,7 +42,7 @@ class TrainConfig(TypedConfig):
     grad_clip: float = 1.0  # 0: no clipping
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on a CPU with native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (CPU: ~3% faster steps for ~25 s of compiling); eager if it fails
     activation_checkpointing: bool = False  # recompute activations in the backward pass (long sequences)
     log_interval: int = 10  # steps between log lines
