@@ -11,7 +11,7 @@ A VARIANT is parts joined by "+". Two families:
   `ours`, `prefix8`, `sepnorm`, ... (bytelm 0.2's model is `prefix4+sepnorm`);
 - `bl`: bytelm's real `Megabyte` class at 0.2's config (local window 4, local norms, GPT-2 init), and `peer`
   (megabyte-pytorch), `mblm`, `tf` (bytelm's byte transformer of equal parameters), with parts that change the
-  model (`faninit`: the fan_in init scheme, bytelm 0.3's default; `torchinit`: PyTorch's own inits; `W8`: local
+  model (`faninit`: the fan_in init scheme, now the default; `torchinit`: PyTorch's own inits; `W8`: local
   window 8; `gemb0.02`: the global byte embedding's init std; `headbias`, `gnorm`, `bias`, `initx2`, `noresscale`,
   `stackinit`) or the recipe (`lr4e-3`: peak lr; `llr4`: local stack at 4x the lr (`locallr2`: 2x); `wd0.05`,
   `wdemb0`: weight decay; `warm50`: warm-up steps; `bf16`: CPU bf16 autocast).
@@ -83,7 +83,8 @@ VARIANTS: dict[str, dict] = {
 # wdX (weight decay X), WX (local_context X) and the named parts below.
 VARIANTS.update({
     "bl": {"bl": True, "cfg": {"init": "gpt2"}},  # bytelm 0.2's MEGABYTE: its GPT-2 init
-    "faninit": {"cfg": {"init": "fan_in"}},  # bytelm's fan_in init scheme (bytelm.nn.init), PyTorch's variances
+    "faninit": {"cfg": {"init": "fan_in"}},  # bytelm's fan_in init scheme (bytelm.nn.init): PyTorch's defaults
+    "fannormal": {"init": "fannormal"},  # fan_in's variances from a normal draw (the first fan_in; erratic)
     "mblm": {"mblm": True},
     "tf": {"tf": True},
     "torchinit": {"init": "torch"},  # PyTorch's default inits (kaiming-uniform Linear, N(0, 1) embeddings)
@@ -216,6 +217,11 @@ class Exp(Megabyte):
 def reinit(m: nn.Module, o: dict, depth: dict[str, int]) -> None:
     """Re-initialise bytelm's model `m` as option o asks: PyTorch's defaults (init=torch), or GPT-2's with the
     residual projections scaled by each stack's own depth (res_scale=stack) or not at all (none), times init_mult."""
+    if o.get("init") == "fannormal":
+        for name, p in m.named_parameters():
+            if p.dim() >= 2 or name.endswith("_pad"):
+                nn.init.normal_(p, std=(3 * p.shape[1]) ** -0.5 if "embed" not in name and p.dim() >= 2 else 1.0)
+        return
     if o.get("init") == "torch":
         for mod in m.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding, nn.LayerNorm)):
@@ -264,6 +270,11 @@ def build(variant: str, seed: int):
             m.lm_head = nn.Linear(c.local_dim, 256, bias=True)
             nn.init.normal_(m.lm_head.weight, std=0.02)
             nn.init.zeros_(m.lm_head.bias)
+        if o.get("fullproj"):  # megabyte-pytorch's global-to-local: one G -> P*D_L matrix, every slice from all of G
+            P, DL = c.patch_size, c.local_dim
+            m.global_to_local = nn.Linear(c.global_dim, P * DL, bias=False)
+            nn.init.normal_(m.global_to_local.weight, std=(3 * c.global_dim) ** -0.5 if c.init == "fan_in" else 0.02)
+            m._to_local = lambda g: m.local_ctx_norm(m.global_to_local(g).unflatten(-1, (P, DL)))
         if o.get("gnorm"):
             m.global_in_norm = nn.LayerNorm(c.global_dim, bias=False)
             embed = m._patch_embed
@@ -372,7 +383,8 @@ DESC["ours"] = "bytelm 0.1's MEGABYTE, the paper's design (local position 0 read
 
 DESC.update({
     "bl": "bytelm 0.2's MEGABYTE (the real class: local_context 4, local_norms, GPT-2 init)",
-    "faninit": "init scheme fan_in (N(0, 1/(3 fan_in)) Linear, N(0, 1) embeddings and pads)",
+    "fannormal": "fan_in's variances from a normal draw: N(0, 1/(3 fan_in)) Linear, N(0, 1) embeddings and pads",
+    "faninit": "init scheme fan_in (PyTorch's kaiming-uniform Linear, N(0, 1) embeddings and pads)",
     "mblm": "mblm 0.4.2 at the same shape",
     "tf": "bytelm's byte transformer of equal parameters (256 x 8)",
     "torchinit": "PyTorch's default inits (kaiming-uniform Linear, N(0, 1) embeddings and pads)",
