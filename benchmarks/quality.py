@@ -45,7 +45,7 @@ from . import suites
 from .common import RESULTS, adamw, fmt_params, optimizer_step, write
 
 SLICE_SECONDS = 5.0
-CORPORA = {"stdlib": "the Python standard library's source", "cmake-help": "CMake's documentation (reStructuredText)"}
+CORPORA = {"stdlib": "the Python standard library's source", "cmake-help": "CMake's documentation, reStructuredText"}
 OURS = "bytelm MEGABYTE"
 OURS_DEFAULT = "bytelm MEGABYTE, default precision"
 
