@@ -1,16 +1,24 @@
-"""Controlled experiments behind bytelm 0.2's MEGABYTE: why bytelm 0.1's (the paper's design) learned less per step than
-megabyte-pytorch, and what fixes it. The README's "What bytelm does differently from the paper" quotes the table.
+"""Controlled experiments behind bytelm's MEGABYTE: why bytelm 0.1's (the paper's design) and then 0.2's learned less
+per step than megabyte-pytorch, and what fixes it. The README's "What bytelm does differently from the paper" and
+"How the gap to megabyte-pytorch was closed" quote the table.
 
     python -m benchmarks.design VARIANT:SEED[:STEPS] ...   # each run in its own process, appended to design.jsonl
     python -m benchmarks.design --causal VARIANT ...       # causality check of structural variants
     python -m benchmarks.design --table                    # design.jsonl -> design.md (mean over seeds, spread)
 
-Variants are built on the paper's design (bytelm 0.1's model, `local_context=0, local_norms=False`) by the class
-`Exp` below; bytelm 0.2's default is `prefix4+sepnorm` (+ `locallr2` in its training recipe), now config fields.
+A VARIANT is parts joined by "+". Two families:
+- built on the paper's design (bytelm 0.1's model, `local_context=0, local_norms=False`) by the class `Exp` below:
+  `ours`, `prefix8`, `sepnorm`, ... (bytelm 0.2's model is `prefix4+sepnorm`);
+- `bl`: bytelm's real `Megabyte` class at 0.2's config (local window 4, local norms, GPT-2 init), and `peer`
+  (megabyte-pytorch), `mblm`, `tf` (bytelm's byte transformer of equal parameters), with parts that change the
+  model (`faninit`: the fan_in init scheme, now the default; `torchinit`: PyTorch's own inits; `W8`: local
+  window 8; `gemb0.02`: the global byte embedding's init std; `headbias`, `gnorm`, `bias`, `initx2`, `noresscale`,
+  `stackinit`) or the recipe (`lr4e-3`: peak lr; `llr4`: local stack at 4x the lr (`locallr2`: 2x); `wd0.05`,
+  `wdemb0`: weight decay; `warm50`: warm-up steps; `bf16`: CPU bf16 autocast).
 
 Harness = benchmarks/ablation.py's one(): same batches (WindowSampler(train, 1024, 8, seed=1337)), AdamW (0.9, 0.95),
-wd 0.1 on matrices, warm-up 20 steps then cosine to 10%, clip 1.0; val over 64 windows WindowSampler(val, 1024, 1,
-seed=2024). Seed = model init seed only.
+wd 0.1 on matrices, warm-up 20 steps then cosine to 10%, clip 1.0, lr 2e-3 and the local stack at 1x unless a part
+says otherwise; val over 64 windows WindowSampler(val, 1024, 1, seed=2024). Seed = model init seed only.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,12 +78,51 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# Variants of bytelm's MEGABYTE as it is (the real class, its default config; `bl`), of the peers (`peer`, `mblm`)
+# and of bytelm's byte transformer (`tf`), with generic parts: lrX (peak lr X), llrX (local stack at X times the lr),
+# wdX (weight decay X), WX (local_context X) and the named parts below.
+VARIANTS.update({
+    "bl": {"bl": True, "cfg": {"init": "gpt2"}},  # bytelm 0.2's MEGABYTE: its GPT-2 init
+    "faninit": {"cfg": {"init": "fan_in"}},  # bytelm's fan_in init scheme (bytelm.nn.init): PyTorch's defaults
+    "fannormal": {"init": "fannormal"},  # fan_in's variances from a normal draw (the first fan_in; erratic)
+    "mblm": {"mblm": True},
+    "tf": {"tf": True},
+    "torchinit": {"init": "torch"},  # PyTorch's default inits (kaiming-uniform Linear, N(0, 1) embeddings)
+    "noresscale": {"res_scale": "none"},  # residual projections N(0, 0.02), not / sqrt(2 * layers)
+    "stackinit": {"per_stack": True, "res_scale": "stack"},
+    "initx2": {"init_mult": 2.0},
+    "initx0.5": {"init_mult": 0.5},
+    "wdemb0": {"wd_emb": False},  # no decay on embeddings (only Linear matrices)
+    "bf16": {"bf16": True},  # CPU bf16 autocast (forward), fp32 weights and optimizer
+    "bias": {"cfg": {"bias": True}},
+    "nonorms": {"cfg": {"local_norms": False}},
+    "headbias": {"head_bias": True},  # a bias on the output head (megabyte-pytorch's has one): byte frequencies
+    "gnorm": {"gnorm": True},  # LayerNorm over each patch vector before the global model (the peer's embedder ends so)
+    "ctxg": {"cfg": {"context_global": True}},  # bytelm's context_global: the window's earlier bytes get theirs
+})
+
+
+def _generic(part: str) -> dict | None:
+    for prefix, key, conv in (("llr", "local_lr", float), ("lr", "lr", float), ("wd", "wd", float),
+                              ("W", "W_cfg", int), ("warm", "warmup", int),
+                              ("gemb", "gemb", float)):
+        m = re.fullmatch(prefix + r"([0-9.e-]+)", part)
+        if m:
+            return {key: conv(m.group(1))}
+    return None
+
+
 def opts_of(variant: str) -> dict:
-    if variant in VARIANTS:
-        return dict(VARIANTS[variant])
-    o = {}  # "a+b" combines variants
-    for part in variant.split("+"):
-        o.update(VARIANTS[part])
+    o: dict = {}  # "a+b" combines variants
+    for part in ([variant] if variant in VARIANTS else variant.split("+")):
+        extra = VARIANTS.get(part)
+        if extra is None:
+            extra = _generic(part)
+        if extra is None:
+            raise KeyError(f"unknown variant part {part!r}")
+        if "cfg" in extra and "cfg" in o:
+            extra = {**extra, "cfg": {**o["cfg"], **extra["cfg"]}}
+        o.update(extra)
     return o
 
 
@@ -166,20 +214,92 @@ class Exp(Megabyte):
         return logits[:, :T]
 
 
+def reinit(m: nn.Module, o: dict, depth: dict[str, int]) -> None:
+    """Re-initialise bytelm's model `m` as option o asks: PyTorch's defaults (init=torch), or GPT-2's with the
+    residual projections scaled by each stack's own depth (res_scale=stack) or not at all (none), times init_mult."""
+    if o.get("init") == "fannormal":
+        for name, p in m.named_parameters():
+            if p.dim() >= 2 or name.endswith("_pad"):
+                nn.init.normal_(p, std=(3 * p.shape[1]) ** -0.5 if "embed" not in name and p.dim() >= 2 else 1.0)
+        return
+    if o.get("init") == "torch":
+        for mod in m.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                mod.reset_parameters()
+        for name, p in m.named_parameters():
+            if name.endswith("_pad"):
+                nn.init.normal_(p)
+        return
+    mult = o.get("init_mult", 1.0)
+    for name, p in m.named_parameters():
+        if p.dim() < 2 and not name.endswith("_pad"):
+            continue
+        std = 0.02 * mult
+        if name.endswith("proj.weight") and o.get("res_scale") != "none":
+            n = next((v for k, v in depth.items() if name.startswith(k)), depth[""])
+            std /= math.sqrt(2 * n)
+        nn.init.normal_(p, std=std)
+
+
 def build(variant: str, seed: int):
     cfg = suites.get("full").megabyte
     o = opts_of(variant)
     torch.manual_seed(seed)
     if o.get("peer"):
         return peer.build_peer(cfg, 1024), peer.peer_logits, o
+    if o.get("mblm"):
+        return peer.build_mblm(cfg, 1024), peer.mblm_logits, o
+    if o.get("tf"):
+        from bytelm import ByteTransformer
+
+        return ByteTransformer(suites.get("full").transformer_eq), (lambda mm, x: mm(x)), o
+    if o.get("bl"):
+        c = cfg.replace(**o.get("cfg", {}))
+        if "W_cfg" in o:
+            c = c.replace(local_context=o["W_cfg"])
+        m = Megabyte(c)
+        if "init" in o or "res_scale" in o or "init_mult" in o:
+            torch.manual_seed(seed)
+            both = max(c.global_layers, c.local_layers)
+            depth = ({"global_model": c.global_layers, "local_model": c.local_layers, "": both}
+                     if o.get("res_scale") == "stack" else {"": both})
+            reinit(m, o, depth)
+        if "gemb" in o:
+            nn.init.normal_(m.global_embed.weight, std=o["gemb"])
+        if o.get("head_bias"):
+            m.lm_head = nn.Linear(c.local_dim, 256, bias=True)
+            nn.init.normal_(m.lm_head.weight, std=0.02)
+            nn.init.zeros_(m.lm_head.bias)
+        if o.get("fullproj"):  # megabyte-pytorch's global-to-local: one G -> P*D_L matrix, every slice from all of G
+            P, DL = c.patch_size, c.local_dim
+            m.global_to_local = nn.Linear(c.global_dim, P * DL, bias=False)
+            nn.init.normal_(m.global_to_local.weight, std=(3 * c.global_dim) ** -0.5 if c.init == "fan_in" else 0.02)
+            m._to_local = lambda g: m.local_ctx_norm(m.global_to_local(g).unflatten(-1, (P, DL)))
+        if o.get("gnorm"):
+            m.global_in_norm = nn.LayerNorm(c.global_dim, bias=False)
+            embed = m._patch_embed
+            m._patch_embed = lambda x, start: m.global_in_norm(embed(x, start))
+        return m, (lambda mm, x: mm(x)), o
     return Exp(cfg, o, seed), (lambda mm, x: mm(x)), o
 
 
 def optimizer(m, o, lr):
     """The benchmarks' AdamW (bytelm's make_optimizer); the local stack, ours or megabyte-pytorch's, at o["local_lr"]
     times the rate."""
-    local = (*get_spec("megabyte").stacks["local"], *peer.PEER_LOCAL)
-    return adamw(m, lr, local=local, local_lr_scale=o.get("local_lr", 1.0))
+    local = (*get_spec("megabyte").stacks["local"], *peer.PEER_LOCAL, *peer.MBLM_LOCAL)
+    opt = adamw(m, lr, weight_decay=o.get("wd", 0.1), local=local, local_lr_scale=o.get("local_lr", 1.0))
+    if o.get("wd_emb") is False:  # split the embeddings out of the decayed groups
+        emb = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Embedding)}
+        groups = []
+        for g in opt.param_groups:
+            keep = [p for p in g["params"] if id(p) not in emb]
+            out = [p for p in g["params"] if id(p) in emb]
+            if keep:
+                groups.append({**g, "params": keep})
+            if out:
+                groups.append({**g, "params": out, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    return opt
 
 
 def one(variant: str, seed: int, steps: int, windows: int = 64) -> dict:
@@ -188,13 +308,17 @@ def one(variant: str, seed: int, steps: int, windows: int = 64) -> dict:
     lr_max = o.get("lr", 2e-3)
     opt = optimizer(m, o, lr_max)
     sampler = WindowSampler(train, 1024, 8, seed=1337)
+    warm = o.get("warmup", 20)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(o.get("bf16")))
     t0 = time.time()
     for i in range(steps):
-        lr = lr_max * min(1, (i + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
+        lr = lr_max * min(1, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * i / steps)))
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         x = sampler.next_batch()
-        optimizer_step(m, opt, byte_loss(logits(m, x), x))
+        with cast:
+            out = logits(m, x)
+        optimizer_step(m, opt, byte_loss(out, x))
     secs = time.time() - t0
     ev = WindowSampler(val, 1024, 1, seed=2024)
     m.eval()
@@ -257,8 +381,39 @@ DESC["ctxglobal"] = "the window's earlier bytes also get their own patch's globa
 DESC["ours"] = "bytelm 0.1's MEGABYTE, the paper's design (local position 0 reads a pad)"
 
 
+DESC.update({
+    "bl": "bytelm 0.2's MEGABYTE (the real class: local_context 4, local_norms, GPT-2 init)",
+    "fannormal": "fan_in's variances from a normal draw: N(0, 1/(3 fan_in)) Linear, N(0, 1) embeddings and pads",
+    "faninit": "init scheme fan_in (PyTorch's kaiming-uniform Linear, N(0, 1) embeddings and pads)",
+    "mblm": "mblm 0.4.2 at the same shape",
+    "tf": "bytelm's byte transformer of equal parameters (256 x 8)",
+    "torchinit": "PyTorch's default inits (kaiming-uniform Linear, N(0, 1) embeddings and pads)",
+    "noresscale": "residual projections N(0, 0.02), not scaled by depth",
+    "initx2": "every init std x2",
+    "initx0.5": "every init std x0.5",
+    "wdemb0": "no weight decay on embeddings",
+    "bf16": "bf16 autocast (CPU)",
+    "headbias": "a bias on the output head",
+    "ctxg": "context_global: the window's earlier bytes also get their global contributions",
+    "gnorm": "LayerNorm over each patch vector at the global model's input",
+    "bias": "biases in Linear and LayerNorm",
+    "nonorms": "local_norms off",
+})
+DESC["stackinit"] = "residual init by each stack's own depth"
+
+
+def _desc_part(p: str) -> str:
+    if p in DESC:
+        return DESC[p]
+    g = _generic(p) or {}
+    names = {"lr": "lr {}", "local_lr": "local stack at {}x lr", "wd": "weight decay {}", "W_cfg": "local_context {}",
+             "warmup": "warm-up {} steps",
+             "gemb": "global byte embedding init N(0, {})"}
+    return ", ".join(names[k].format(v) for k, v in g.items()) or p
+
+
 def desc(v: str) -> str:
-    return " + ".join(DESC.get(p, p) for p in v.split("+"))
+    return " + ".join(_desc_part(p) for p in v.split("+"))
 
 
 def table() -> str:

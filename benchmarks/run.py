@@ -72,9 +72,15 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
     q = results.get("quality")
     if q:
         r = q["results"]
-        others = "; ".join(f"{n}: {v['val_bpb']:.3f}" for n, v in r.items() if n != "bytelm MEGABYTE")
-        rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib) | "
-                    f"{r['bytelm MEGABYTE']['val_bpb']:.3f} | {others} | lower is better |")
+        seeds = q.get("seeds", [0])
+        default = r.get("bytelm MEGABYTE, default precision")
+        ours = f"{r['bytelm MEGABYTE']['val_bpb']:.3f}" + (
+            f" (fp32); {default['val_bpb']:.3f} (bf16 autocast, its default here)" if default else "")
+        ours_rows = ("bytelm MEGABYTE", "bytelm MEGABYTE, default precision")
+        others = "; ".join(f"{n}: {v['val_bpb']:.3f}" for n, v in r.items() if n not in ours_rows)
+        mean = f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""
+        rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib{mean}) | "
+                    f"{ours} | {others} | lower is better |")
     sv = results.get("serving")
     if sv:
         mb, tf = sv["models"]["megabyte"], sv["models"]["transformer"]

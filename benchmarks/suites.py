@@ -50,8 +50,7 @@ class Suite:
     quality_seconds: float = 300.0
     quality_seq_len: int = 1024
     quality_batch: int = 8
-    quality_lr: float = 2e-3
-    quality_local_lr_scale: float = 2.0  # every MEGABYTE's local stack (bytelm's recipe, given to the peers too)
+    # (the recipe, lr and every MEGABYTE's local-stack lr scale, is bytelm's default TrainConfig: benchmarks/quality.py)
     quality_eval_windows: int = 128
     # serving (continuous batching)
     serve_concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])

@@ -30,12 +30,24 @@ def code_dir(tmp_path_factory) -> Path:
 def tiny_cfg(tmp_path, code_dir, **kw) -> TrainConfig:
     base = dict(preset="tiny", data=[str(code_dir)], out_dir=str(tmp_path / "run"), seq_len=128, batch_size=4,
                 max_steps=8, warmup_steps=2, log_interval=2, eval_interval=4, eval_batches=2, save_interval=4,
-                sample_bytes=0, val_fraction=0.1)
+                sample_bytes=0, val_fraction=0.1, precision="fp32")  # fp32: these tests compare updates exactly
     return TrainConfig(**{**base, **kw})
 
 
 def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    from bytelm.training import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.uses_bf16("auto", cuda) and precision.uses_bf16("bf16", cpu)
+    assert not precision.uses_bf16("fp32", cuda)
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda native=native: native)
+        assert precision.uses_bf16("auto", cpu) is native
+        assert isinstance(precision.autocast_for("auto", cpu), torch.autocast) is native
 
 
 def test_lr_schedule():
@@ -182,7 +194,7 @@ def test_ddp_two_processes_match_one(tmp_path, code_dir):
     """torchrun with 2 CPU processes x 2 windows equals 1 process x 4 windows: same weights after 4 steps."""
     common = ["--preset", "tiny", "--data", str(code_dir), "--seq-len", "64", "--max-steps", "4",
               "--warmup-steps", "1", "--save-interval", "4", "--eval-interval", "4", "--eval-batches", "1",
-              "--sample-bytes", "0", "--val-fraction", "0.1"]
+              "--sample-bytes", "0", "--val-fraction", "0.1", "--precision", "fp32"]  # fp32: compared exactly
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "bytelm.cli", "train", *common, "--batch-size", "4",
                              "--out-dir", str(tmp_path / "single")], capture_output=True, text=True, env=env)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+from ..nn.init import INIT_SCHEMES
 from ..typedconfig import TypedConfig
 
 VOCAB_SIZE = 256  # every byte value, 0 included; there are no special tokens
@@ -107,6 +108,10 @@ class MegabyteConfig(ModelConfig):
     # the window's bytes before the patch also get their own patch's global contribution (experimental, off:
     # two single-seed measurements disagree on whether it helps; see the README)
     context_global: bool = False
+    # how a fresh model's weights are drawn (bytelm.nn.init): "fan_in" (PyTorch's defaults, what megabyte-pytorch
+    # gets; bytelm's default) or "gpt2" (N(0, 0.02), depth-scaled residual projections: bytelm 0.1/0.2). It does
+    # not matter to a loaded model, so a config.json without it loads with the default.
+    init: str = "fan_in"
 
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
                                                           "local_norms": ("0.2.0", False),
@@ -124,6 +129,7 @@ class MegabyteConfig(ModelConfig):
             f"global_dim ({self.global_dim}) must be a multiple of patch_size ({self.patch_size}): "
             "it is P concatenated byte embeddings of size D_G",
         )
+        self._check(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         _check_stack(self, "global_", self.global_dim, self.global_layers, self.global_heads)
         _check_stack(self, "local_", self.local_dim, self.local_layers, self.local_heads)
 
@@ -162,7 +168,7 @@ class TransformerConfig(ModelConfig):
 # are the paper's shapes for reference (Yu et al. 2023): Table 9's generation-speed pair, with depths and heads from
 # Table 13 (1.3B global D=2048 L=24 + 218M local D=1024 L=15) and Table 14 (heads: 32 at D=2048, 16 at D=1024).
 # Paper presets use learned positions, biases and the paper's local model (no cross-patch context, a plain sum at its
-# input), as the paper did.
+# input), as the paper did, and GPT-2's initialisation (bytelm 0.1's).
 MegabyteConfig.presets = {
     "tiny": dict(patch_size=4, max_seq_len=2048, global_dim=64, global_layers=2, global_heads=2,
                  local_dim=32, local_layers=2, local_heads=2),
@@ -172,7 +178,7 @@ MegabyteConfig.presets = {
                  local_dim=512, local_layers=4, local_heads=8),
     "paper-1.3b": dict(patch_size=8, max_seq_len=8192, global_dim=2048, global_layers=24, global_heads=32,
                        local_dim=1024, local_layers=15, local_heads=16, pos_emb="learned", bias=True,
-                       local_context=0, local_norms=False),
+                       local_context=0, local_norms=False, init="gpt2"),
 }
 TransformerConfig.presets = {
     "tiny": dict(max_seq_len=2048, dim=64, layers=2, heads=2),

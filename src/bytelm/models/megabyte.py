@@ -98,7 +98,7 @@ class Megabyte(ByteLM):
                                             self.window, rope, c.rope_base)
         self.lm_head = nn.Linear(D_L, VOCAB_SIZE, bias=False)
         self.drop = Dropout(c.dropout)
-        init_weights(self, max(c.global_layers, c.local_layers))
+        init_weights(self, max(c.global_layers, c.local_layers), c.init)
 
     # --- pieces shared by training and decoding ----------------------------------------------------------------
     def _patch_embed(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:

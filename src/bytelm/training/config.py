@@ -30,8 +30,8 @@ class TrainConfig(TypedConfig):
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 0  # the run's length in steps; 0: 600, or no step limit when a time budget ends the run
     time_budget: float = 0.0  # seconds of training; the schedule ends with it when it ends first; 0: none
-    lr: float = 2e-3  # peak learning rate (small models take a high one)
-    local_lr_scale: float = 2.0  # MEGABYTE: the local model's (and output head's) learning rate, relative to lr
+    lr: float = 4e-3  # peak learning rate (small models take a high one)
+    local_lr_scale: float = 4.0  # MEGABYTE: the local model's (and output head's) learning rate, relative to lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay); either ends with max_steps or the time budget
     decay_fraction: float = 0.2  # wsd: the share of the run spent decaying
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
@@ -42,7 +42,7 @@ class TrainConfig(TypedConfig):
     grad_clip: float = 1.0  # 0: no clipping
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on a CPU with native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (CPU: ~3% faster steps for ~25 s of compiling); eager if it fails
     activation_checkpointing: bool = False  # recompute activations in the backward pass (long sequences)
     log_interval: int = 10  # steps between log lines

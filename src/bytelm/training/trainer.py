@@ -16,7 +16,6 @@ A run folder (`out_dir`) describes itself:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -41,6 +40,7 @@ from .checkpointing import read_checkpoint, write_checkpoint
 from .config import TrainConfig
 from .optim import make_optimizer, optimizer_state, optimizer_tensors
 from .parallel import ParallelEnv, no_sync, wrap_model
+from .precision import autocast_for
 from .schedule import lr_at
 
 LN2 = math.log(2)
@@ -90,9 +90,7 @@ class Trainer:
         self.compile_pending = cfg.compile
         if cfg.compile:
             self.forward = torch.compile(self.forward)
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16
-                         else contextlib.nullcontext())
+        self.autocast = autocast_for(cfg.precision, self.device)
 
     @property
     def ddp(self) -> bool:
