@@ -47,16 +47,28 @@ def local(folder):
     return Megabyte.from_pretrained(folder)
 
 
-def start(folder, spans, first=None, **kw) -> list[Server]:
-    """Servers for `spans` (each "I:J" or None for --num-blocks 1), joined through `first` (or the first of them)."""
-    servers = []
-    if first is None:
-        first = Server(folder, "--blocks", spans[0]).wait()
-        servers.append(first)
-        spans = spans[1:]
-    servers += [Server(folder, "--blocks", s, "--initial-peers", first.addr, **kw) for s in spans]
+def start(folder, spans) -> list[Server]:
+    """Servers for `spans` (each "I:J"), joined through the first of them, once the DHT shows them all."""
+    first = Server(folder, "--blocks", spans[0]).wait()
+    servers = [first, *[Server(folder, "--blocks", s, "--initial-peers", first.addr) for s in spans[1:]]]
     for s in servers:
         s.wait()
+    return seen(folder, servers)
+
+
+def seen(folder, servers: list[Server]) -> list[Server]:
+    """Wait until a client finds every one of `servers` announced: a server prints its address after storing its
+    announcement, but a lookup may reach DHT nodes that have not got it yet."""
+    from bytelm.swarm import SwarmClient, swarm_name
+
+    client = SwarmClient(swarm_name(folder), 4, [servers[0].addr])
+    try:
+        deadline = time.monotonic() + 30
+        while not {s.peer for s in servers} <= set(client.refresh(force=True)):
+            assert time.monotonic() < deadline, "servers never showed up in the DHT"
+            time.sleep(0.2)
+    finally:
+        client.close()
     return servers
 
 
@@ -170,7 +182,8 @@ def test_finetune_through_the_swarm_equals_local(remote, local, folder):
 
 def test_a_server_killed_mid_generation_changes_nothing_and_a_late_joiner_is_used(folder, local):
     first = Server(folder, "--blocks", "0:4", "--throughput", "10").wait()  # announced slow: a faster one wins
-    servers = [first, Server(folder, "--blocks", "0:4", "--throughput", "10", "--initial-peers", first.addr).wait()]
+    servers = seen(folder, [first, Server(folder, "--blocks", "0:4", "--throughput", "10", "--initial-peers",
+                                          first.addr).wait()])
     late = None
     try:
         m = remote_model(str(folder), [servers[0].addr], **CLIENT)
@@ -203,6 +216,7 @@ def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
     honest = start(folder, ["0:4", "0:4"])
     liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest[0].addr, "--throughput", "1000000",
                   liar=True).wait()  # the fastest: every route starts with it
+    seen(folder, [*honest, liar])
     try:
         m = remote_model(str(folder), [honest[0].addr], verify_fraction=1.0, **CLIENT)
         assert m.swarm.route(0, 4)[0][0] == liar.peer

@@ -32,11 +32,12 @@ from hivemind.proto import runtime_pb2
 from torch import nn
 
 from ..errors import BytelmError
+from ..io import WEIGHTS_NAME
 from ..nn import TransformerStack
 from . import wire
 from .registry import Bans, ServerInfo, route, servers
 from .server import SpanServer, new_session_id
-from .spans import load_client_parts, read_config, remote_stack, swarm_name
+from .spans import client_weights, load_client_parts, remote_stack, swarm_name_of
 from .wire import SwarmError
 
 
@@ -467,11 +468,12 @@ class RemoteStack(nn.Module):
 def remote_model(model: str, initial_peers: list[str], swarm: str | None = None, **client_options):
     """MODEL (a model folder, run folder or hub id) with its remote stack served by the swarm reached through
     `initial_peers`: a ByteLM whose `.swarm` is its SwarmClient. Only the weights outside the remote stack are read."""
-    config = read_config(model)
+    config, weights = client_weights(model)
     _, depth = remote_stack(config)
-    client = SwarmClient(swarm or swarm_name(model), depth, initial_peers, **client_options)
+    client = SwarmClient(swarm or swarm_name_of(config, weights), depth, initial_peers, **client_options)
     try:
-        m = load_client_parts(model, lambda cfg, stack: RemoteStack(client, stack, depth))
+        m = load_client_parts(config, weights, lambda cfg, stack: RemoteStack(client, stack, depth),
+                              f"{model} ({WEIGHTS_NAME})")
     except BytelmError:
         client.close()
         raise

@@ -99,30 +99,37 @@ def load_span(model: str | Path, start: int, end: int) -> tuple[object, Transfor
     return config, stack.eval()
 
 
-def load_client_parts(model: str | Path, make_stand_in) -> nn.Module:
-    """The model of `model` with its remote stack's blocks replaced by `make_stand_in(config, stack)` (given the
-    stack with no blocks: its final norm and rope), every other weight read from the folder; eval mode."""
+def client_weights(model: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """(config, every weight outside the remote stack's blocks) of MODEL: what a client holds, read once."""
     folder = resolve(model)
     config = read_config(folder)
+    prefix = f"{remote_stack(config)[0]}.blocks."
+    return config, _read(folder, lambda n: None if n.startswith(prefix) else n)
+
+
+def load_client_parts(config, weights: dict[str, torch.Tensor], make_stand_in, source: str = WEIGHTS_NAME
+                      ) -> nn.Module:
+    """The model of `config` with its remote stack's blocks replaced by `make_stand_in(config, stack)` (given the
+    stack with no blocks: its final norm and rope), every other weight from `weights` (`client_weights`); eval mode."""
     attr, _ = remote_stack(config)
     m = _skeleton(config)
     stack: TransformerStack = getattr(m, attr)
     stack.blocks = nn.ModuleList()
-    prefix = f"{attr}.blocks."
-    _materialize(m, _read(folder, lambda n: None if n.startswith(prefix) else n), str(folder / WEIGHTS_NAME))
+    _materialize(m, weights, source)
     setattr(m, attr, make_stand_in(config, stack))
     return m.eval()
 
 
 def swarm_name(model: str | Path) -> str:
-    """The DHT prefix of the swarm serving this model: a digest of its config and of the weights outside the remote
-    stack (cheap to read on servers and clients alike), so that servers of different models never mix."""
-    folder = resolve(model)
-    config = read_config(folder)
-    attr, _ = remote_stack(config)
+    """The DHT prefix of the swarm serving this model (see `swarm_name_of`)."""
+    return swarm_name_of(*client_weights(model))
+
+
+def swarm_name_of(config, weights: dict[str, torch.Tensor]) -> str:
+    """A digest of the config and of the weights outside the remote stack (cheap to read on servers and clients
+    alike), so that servers of different models never mix."""
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    prefix = f"{attr}.blocks."
-    for name, t in sorted(_read(folder, lambda n: None if n.startswith(prefix) else n).items()):
+    for name, t in sorted(weights.items()):
         flat = t.reshape(-1)
         h.update(name.encode() + flat[:: max(1, flat.numel() // 64)][:64].float().numpy().tobytes())
     return f"bytelm-{config.model_type}-{h.hexdigest()[:16]}"
