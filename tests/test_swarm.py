@@ -47,10 +47,10 @@ def local(folder):
     return Megabyte.from_pretrained(folder)
 
 
-def start(folder, spans) -> list[Server]:
+def start(folder, spans, *args: str) -> list[Server]:
     """Servers for `spans` (each "I:J"), joined through the first of them, once the DHT shows them all."""
-    first = Server(folder, "--blocks", spans[0]).wait()
-    servers = [first, *[Server(folder, "--blocks", s, "--initial-peers", first.addr) for s in spans[1:]]]
+    first = Server(folder, "--blocks", spans[0], *args).wait()
+    servers = [first, *[Server(folder, "--blocks", s, "--initial-peers", first.addr, *args) for s in spans[1:]]]
     for s in servers:
         s.wait()
     return seen(folder, servers)
@@ -213,9 +213,11 @@ def test_a_server_killed_mid_generation_changes_nothing_and_a_late_joiner_is_use
 
 
 def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
-    honest = start(folder, ["0:4", "0:4"])
+    # the honest servers announce themselves slow (0.1 s for the span) and the liar fast, so every route starts with
+    # the liar whatever the measured round trips (milliseconds apart on a busy machine) say
+    honest = start(folder, ["0:4", "0:4"], "--throughput", "10")
     liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest[0].addr, "--throughput", "1000000",
-                  liar=True).wait()  # the fastest: every route starts with it
+                  liar=True).wait()
     seen(folder, [*honest, liar])
     try:
         m = remote_model(str(folder), [honest[0].addr], verify_fraction=1.0, **CLIENT)
