@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bytelm.training.optim import make_optimizer
+from bytelm.training.optim import in_blocks, make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,13 +73,20 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, local: tuple[str, ...] = (),
-          local_lr_scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW as the benchmarks train every contender, bytelm's own (bytelm.training.optim.make_optimizer): betas
-    (0.9, 0.95), decay on matrices and embeddings only, and parameter groups whose `lr_scale` is local_lr_scale for
-    the parameters whose names start with a prefix in `local` (a MEGABYTE's local stack), else 1 (the caller
-    multiplies its schedule's rate by each group's lr_scale)."""
-    settings = SimpleNamespace(lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.95, local_lr_scale=local_lr_scale)
-    return make_optimizer(model, settings, {"local": local})
+          local_lr_scale: float = 1.0, optimizer: str = "adamw"):
+    """The optimizer as bytelm trains (bytelm.training.optim.make_optimizer), for every contender alike: AdamW
+    (0.9, 0.95), decay on matrices and embeddings only, or with optimizer="muon" Muon for the transformer stacks'
+    matrices (bytelm's blocks, megabyte-pytorch's `transformers`, mblm's `stage_models`) and that AdamW for the rest;
+    parameter groups whose `lr_scale` is local_lr_scale for the parameters whose names start with a prefix in `local`
+    (a MEGABYTE's local stack), else 1 (the caller multiplies its schedule's rate by each group's lr_scale)."""
+    settings = SimpleNamespace(lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.95, local_lr_scale=local_lr_scale,
+                               optimizer=optimizer)
+    return make_optimizer(model, settings, {"local": local}, hidden=stack_matrix)
+
+
+def stack_matrix(name: str) -> bool:
+    """A parameter of a transformer stack, in bytelm or in a peer: what Muon trains."""
+    return in_blocks(name) or name.startswith(("transformers.", "stage_models."))
 
 
 def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:

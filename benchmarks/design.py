@@ -99,6 +99,10 @@ VARIANTS.update({
     "headbias": {"head_bias": True},  # a bias on the output head (megabyte-pytorch's has one): byte frequencies
     "gnorm": {"gnorm": True},  # LayerNorm over each patch vector before the global model (the peer's embedder ends so)
     "ctxg": {"cfg": {"context_global": True}},  # bytelm's context_global: the window's earlier bytes get theirs
+    "qknorm": {"qknorm": True},  # RMS-normalised queries and keys per head (no gain), as in nanochat
+    "relu2": {"relu2": True},  # MLP activation relu(x)^2 (modded-nanogpt, nanochat) instead of tanh-GELU
+    "zeroproj": {"zeroproj": True},  # attention and MLP output projections start at zero (modded-nanogpt)
+    "muon": {"muon": True},  # block matrices by Muon (torch.optim.Muon, AdamW-matched rms), the rest by AdamW
 })
 
 
@@ -275,6 +279,7 @@ def build(variant: str, seed: int):
             m.global_to_local = nn.Linear(c.global_dim, P * DL, bias=False)
             nn.init.normal_(m.global_to_local.weight, std=(3 * c.global_dim) ** -0.5 if c.init == "fan_in" else 0.02)
             m._to_local = lambda g: m.local_ctx_norm(m.global_to_local(g).unflatten(-1, (P, DL)))
+        _block_parts(m, o)
         if o.get("gnorm"):
             m.global_in_norm = nn.LayerNorm(c.global_dim, bias=False)
             embed = m._patch_embed
@@ -283,11 +288,39 @@ def build(variant: str, seed: int):
     return Exp(cfg, o, seed), (lambda mm, x: mm(x)), o
 
 
+def _block_parts(m: nn.Module, o: dict) -> None:
+    """The block-level parts (qknorm, relu2, zeroproj) on every block of m's stacks."""
+    from bytelm.nn.attention import Attention
+    from bytelm.nn.blocks import MLP
+
+    for mod in m.modules():
+        if isinstance(mod, Attention) and o.get("qknorm"):
+            mod.forward = _qknorm_forward.__get__(mod)
+        if isinstance(mod, MLP) and o.get("relu2"):
+            mod.forward = (lambda self: lambda x: self.proj(F.relu(self.fc(x)).square()))(mod)
+        if o.get("zeroproj") and isinstance(mod, (Attention, MLP)):
+            nn.init.zeros_(mod.proj.weight)
+
+
+def _qknorm_forward(self, x, rope=None, cache=None, pos=0, rows=None, span=None):
+    from bytelm.nn.rotary import apply_rope
+
+    B, T, C = x.shape
+    qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+    if rope is not None:
+        q, k = apply_rope(torch.stack((q, k)), *rope).unbind(0)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+    return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
 def optimizer(m, o, lr):
     """The benchmarks' AdamW (bytelm's make_optimizer); the local stack, ours or megabyte-pytorch's, at o["local_lr"]
     times the rate."""
     local = (*get_spec("megabyte").stacks["local"], *peer.PEER_LOCAL, *peer.MBLM_LOCAL)
-    opt = adamw(m, lr, weight_decay=o.get("wd", 0.1), local=local, local_lr_scale=o.get("local_lr", 1.0))
+    opt = adamw(m, lr, weight_decay=o.get("wd", 0.1), local=local, local_lr_scale=o.get("local_lr", 1.0),
+                optimizer="muon" if o.get("muon") else "adamw")
     if o.get("wd_emb") is False:  # split the embeddings out of the decayed groups
         emb = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Embedding)}
         groups = []
@@ -376,6 +409,10 @@ DESC = {
     "locallr2": "local stack, embedding, head at 2x lr",
     "lr4e-3": "lr 4e-3",
     "lr6e-3": "lr 6e-3",
+    "qknorm": "RMS-normalised queries and keys",
+    "relu2": "relu(x)^2 MLP",
+    "zeroproj": "output projections start at zero",
+    "muon": "Muon (torch.optim.Muon, AdamW-matched rms) for block matrices",
 }
 DESC["ctxglobal"] = "the window's earlier bytes also get their own patch's global contribution"
 DESC["ours"] = "bytelm 0.1's MEGABYTE, the paper's design (local position 0 reads a pad)"

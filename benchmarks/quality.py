@@ -3,19 +3,23 @@ mblm at MEGABYTE's shape, each trained for the same wall-clock time on the same 
 bytes; repeated for each model-init seed (mean and spread = max - min over seeds).
 
     python -m benchmarks.quality --suite quick|full|smoke [--corpus stdlib|cmake-help|PATH] [--seeds 0 1]
-                                 [--seconds S] [--lr LR] [--local-lr-scale X] [--precision fp32|default|both]
+                                 [--seconds S] [--lr LR] [--local-lr-scale X] [--optimizer muon|adamw]
+                                 [--precision fp32|bf16|default|both]
 
 Corpus: `stdlib` (the Python standard library's source on this machine, bytelm's default corpus), `cmake-help`
 (CMake's reStructuredText documentation, /usr/share/cmake-*/Help, Debian's cmake-data), or any file or folder; split
 by file (bytelm's default split, 5% of files held out). Every model sees the same batches in the same order (one
-sampler seed for all seeds), with bytelm's default training recipe (bytelm.training.TrainConfig's peak lr, local-stack
-lr scale, AdamW betas and weight decay, final lr ratio) over each model's own time budget: linear warm-up for its
+sampler seed for all seeds), with bytelm's default training recipe (bytelm.training.TrainConfig's optimizer: Muon for
+every model's transformer-stack matrices and AdamW for the rest, peak lr, local-stack lr scale, AdamW betas and weight
+decay, final lr ratio) over each model's own time budget: linear warm-up for its
 first 5% (not TrainConfig's 100 steps, a large share of a short benchmark), then cosine to 10%; every MEGABYTE's
 local stack (bytelm's and the peers' alike) learns at the recipe's `local_lr_scale` times the rate. `--lr` and
-`--local-lr-scale` override the recipe for every model.
-Precision: `fp32` trains every model in fp32; `default` trains bytelm's models at their default precision
-(`TrainConfig.precision="auto"`: bf16 autocast on a CPU with native bf16 matmuls) and the peers in fp32, their
-default; `both` adds bytelm MEGABYTE at its default precision as an extra row next to the all-fp32 rows.
+`--local-lr-scale` and `--optimizer` override the recipe for every model.
+Precision: `fp32` trains every model in fp32; `bf16` every model, the peers too, under CPU bf16 autocast (the same
+precision as bytelm's default on a CPU with native bf16: equal precision, equal time); `default` trains bytelm's
+models at their default precision (`TrainConfig.precision="auto"`: bf16 autocast on a CPU with native bf16 matmuls)
+and the peers in fp32, their default; `both` adds bytelm MEGABYTE at its default precision as an extra row next to
+the all-fp32 rows.
 Training is interleaved in slices of a few seconds, least-trained model first, so that machine noise hits all
 alike; each model's budget counts only its own steps. Validation bpb: bytelm's metric (summed nats / (ln 2 * bytes),
 every byte counted, byte 0 of each window predicted from nothing) on the same `quality_eval_windows` windows for all;
@@ -64,9 +68,12 @@ def corpus_paths(corpus: str) -> list[str] | None:
     return [corpus]
 
 
-def recipe(suite: suites.Suite, lr: float | None = None, local_lr_scale: float | None = None) -> TrainConfig:
-    """bytelm's default training recipe over this suite's time budget (lr and local-stack scale overridable)."""
+def recipe(suite: suites.Suite, lr: float | None = None, local_lr_scale: float | None = None,
+           optimizer: str | None = None) -> TrainConfig:
+    """bytelm's default training recipe over this suite's time budget (lr, local-stack scale, optimizer overridable)."""
     cfg = TrainConfig(time_budget=suite.quality_seconds, out_dir="-")
+    if optimizer is not None:
+        cfg.optimizer = optimizer
     if lr is not None:
         cfg.lr = lr
     if local_lr_scale is not None:
@@ -78,7 +85,8 @@ class Contender:
     def __init__(self, name: str, model: torch.nn.Module, logits_fn, suite: suites.Suite, cfg: TrainConfig,
                  train_data, local: tuple[str, ...] = (), bf16: bool = False) -> None:
         self.name, self.model, self.logits_fn, self.suite, self.cfg = name, model, logits_fn, suite, cfg
-        self.opt = adamw(model, cfg.lr, cfg.weight_decay, local=local, local_lr_scale=cfg.local_lr_scale)
+        self.opt = adamw(model, cfg.lr, cfg.weight_decay, local=local, local_lr_scale=cfg.local_lr_scale,
+                         optimizer=cfg.optimizer)
         self.sampler = WindowSampler(train_data, suite.quality_seq_len, suite.quality_batch, seed=1337)
         self.bf16 = bf16
         self.elapsed, self.steps, self.losses = 0.0, 0, []
@@ -123,7 +131,8 @@ def contenders_for(suite: suites.Suite, cfg: TrainConfig, train, precision: str,
     ours = lambda m, x: m(x)  # noqa: E731
     local = get_spec("megabyte").stacks["local"]
     default_bf16 = uses_bf16(TrainConfig().precision, torch.device("cpu"))
-    bf16 = precision == "default" and default_bf16
+    bf16 = precision == "bf16" or (precision == "default" and default_bf16)
+    peers_bf16 = precision == "bf16"
     out = [Contender(OURS, Megabyte(suite.megabyte), ours, suite, cfg, train, local, bf16=bf16)]
     if precision == "both":
         out.append(Contender(OURS_DEFAULT, Megabyte(suite.megabyte), ours, suite, cfg, train, local,
@@ -136,18 +145,18 @@ def contenders_for(suite: suites.Suite, cfg: TrainConfig, train, precision: str,
                          bf16=bf16))
     if peer_mod.available():
         out.append(Contender("megabyte-pytorch", peer_mod.build_peer(suite.megabyte, suite.quality_seq_len),
-                             peer_mod.peer_logits, suite, cfg, train, peer_mod.PEER_LOCAL))
+                             peer_mod.peer_logits, suite, cfg, train, peer_mod.PEER_LOCAL, bf16=peers_bf16))
     if peer_mod.mblm_available():
         out.append(Contender("mblm", peer_mod.build_mblm(suite.megabyte, suite.quality_seq_len),
-                             peer_mod.mblm_logits, suite, cfg, train, peer_mod.MBLM_LOCAL))
+                             peer_mod.mblm_logits, suite, cfg, train, peer_mod.MBLM_LOCAL, bf16=peers_bf16))
     return out
 
 
 def run(suite: suites.Suite, out_dir=RESULTS, corpus: str = "stdlib", seeds: tuple[int, ...] = (0,),
         lr: float | None = None, local_lr_scale: float | None = None, precision: str = "fp32",
-        paper: bool = True, name: str | None = None) -> dict:
+        paper: bool = True, name: str | None = None, optimizer: str | None = None) -> dict:
     train, val, split = load_split(corpus_paths(corpus))
-    cfg = recipe(suite, lr, local_lr_scale)
+    cfg = recipe(suite, lr, local_lr_scale, optimizer)
     ev = WindowSampler(val, suite.quality_seq_len, 1, seed=2024)
     windows = [ev.next_batch() for _ in range(suite.quality_eval_windows)]
     runs: dict[str, list[dict]] = {}
@@ -174,10 +183,12 @@ def run(suite: suites.Suite, out_dir=RESULTS, corpus: str = "stdlib", seeds: tup
                           * suite.quality_seq_len, "params": rs[0]["params"], "bf16": rs[0]["bf16"], "runs": rs}
     payload = {"suite": suite.name, "corpus": corpus, "corpus_name": CORPORA.get(corpus, corpus),
                "seconds_each": suite.quality_seconds, "seq_len": suite.quality_seq_len, "batch": suite.quality_batch,
-               "recipe": {"lr": cfg.lr, "local_lr_scale": cfg.local_lr_scale, "warmup": "5% of the time budget",
+               "recipe": {"optimizer": cfg.optimizer, "lr": cfg.lr, "local_lr_scale": cfg.local_lr_scale,
+                          "warmup": "5% of the time budget",
                           "schedule": "cosine", "min_lr_ratio": cfg.min_lr_ratio,
                           "weight_decay": cfg.weight_decay, "betas": [cfg.beta1, cfg.beta2],
-                          "grad_clip": 1.0, "overridden": lr is not None or local_lr_scale is not None},
+                          "grad_clip": 1.0,
+                          "overridden": lr is not None or local_lr_scale is not None or optimizer is not None},
                "lr": cfg.lr, "local_lr_scale": cfg.local_lr_scale, "precision": precision, "seeds": list(seeds),
                "split": split, "eval_bytes": sum(x.numel() for x in windows), "results": results}
     write(name or ("quality" if corpus == "stdlib" else f"quality-{corpus}"), payload, markdown(payload), out_dir)
@@ -198,8 +209,10 @@ def markdown(p: dict) -> str:
         lines.append(f"| {name} | {fmt_params(r['params'])} | {'bf16 autocast' if r.get('bf16') else 'fp32'} | "
                      f"{r['steps']:,} | {r['bytes_seen']:,} | {r['val_bpb']:.3f} | {spread} | {per} |")
     rc = p.get("recipe", {})
+    opt = ("Muon for the transformer stacks' matrices (AdamW-matched RMS) and AdamW for the rest"
+           if rc.get("optimizer") == "muon" else "AdamW")
     lines += ["", f"Batch {p['batch']} x {p['seq_len']:,} bytes, the same batches for all. Recipe "
-              f"({'overridden' if rc.get('overridden') else 'bytelm default, TrainConfig'}): AdamW lr {p['lr']:g} "
+              f"({'overridden' if rc.get('overridden') else 'bytelm default, TrainConfig'}): {opt}, lr {p['lr']:g} "
               f"(each MEGABYTE's local stack: {p.get('local_lr_scale', 1):g}x), betas {tuple(rc.get('betas', []))}, "
               f"weight decay {rc.get('weight_decay')}, warm-up over 5% of the time budget, cosine to "
               f"{rc.get('min_lr_ratio')}x at its end (each model's own), clip 1.0. {p['split']}."]
@@ -214,7 +227,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, help="training seconds per model (default: the suite's)")
     ap.add_argument("--lr", type=float, help="peak lr for every model (default: bytelm's TrainConfig.lr)")
     ap.add_argument("--local-lr-scale", type=float, help="every MEGABYTE's local stack (default: TrainConfig's)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "default", "both"])
+    ap.add_argument("--optimizer", choices=["muon", "adamw"], help="every model's (default: bytelm's TrainConfig)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "default", "both"])
     ap.add_argument("--no-paper", action="store_true", help="leave out the paper's-design MEGABYTE")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<suite>)")
     ap.add_argument("--name", help="results file name without extension (default quality[-CORPUS])")
@@ -224,7 +238,7 @@ def main(argv=None) -> dict:
         suite = replace(suite, quality_seconds=args.seconds)
     out = args.out or RESULTS / suite.name
     payload = run(suite, out, args.corpus, tuple(args.seeds), args.lr, args.local_lr_scale, args.precision,
-                  not args.no_paper, args.name)
+                  not args.no_paper, args.name, args.optimizer)
     name = args.name or ("quality" if args.corpus == "stdlib" else f"quality-{args.corpus}")
     print((out / f"{name}.md").read_text())
     return payload

@@ -79,7 +79,8 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         ours_rows = ("bytelm MEGABYTE", "bytelm MEGABYTE, default precision")
         others = "; ".join(f"{n}: {v['val_bpb']:.3f}" for n, v in r.items() if n not in ours_rows)
         mean = f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""
-        rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib{mean}) | "
+        every = ", every model in bf16 autocast" if q.get("precision") == "bf16" else ""
+        rows.append(f"| val bits/byte after {q['seconds_each']:,.0f} s of training each (stdlib{mean}{every}) | "
                     f"{ours} | {others} | lower is better |")
     sv = results.get("serving")
     if sv:

@@ -180,9 +180,13 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, code_dir):
 
 
 def test_grad_accumulation_equals_a_bigger_batch(tmp_path, code_dir):
-    """2 micro-batches of 2 windows give the same update as one batch of 4 (the sampler draws the same windows)."""
-    one = Trainer(tiny_cfg(tmp_path / "one", code_dir, batch_size=4, max_steps=3), log=lambda *_: None)
-    two = Trainer(tiny_cfg(tmp_path / "two", code_dir, batch_size=2, grad_accum=2, max_steps=3), log=lambda *_: None)
+    """2 micro-batches of 2 windows give the same update as one batch of 4 (the sampler draws the same windows).
+    Compared under AdamW: Muon orthogonalises in bf16 (torch.optim.Muon), which turns the gradients' float-rounding
+    differences into bf16 rounding flips (~1e-3 after 3 steps), so it could only be compared loosely."""
+    one = Trainer(tiny_cfg(tmp_path / "one", code_dir, batch_size=4, max_steps=3, optimizer="adamw"),
+                  log=lambda *_: None)
+    two = Trainer(tiny_cfg(tmp_path / "two", code_dir, batch_size=2, grad_accum=2, max_steps=3, optimizer="adamw"),
+                  log=lambda *_: None)
     one.run()
     two.run()
     w1, w2 = weights(one.model), weights(two.model)
@@ -194,7 +198,8 @@ def test_ddp_two_processes_match_one(tmp_path, code_dir):
     """torchrun with 2 CPU processes x 2 windows equals 1 process x 4 windows: same weights after 4 steps."""
     common = ["--preset", "tiny", "--data", str(code_dir), "--seq-len", "64", "--max-steps", "4",
               "--warmup-steps", "1", "--save-interval", "4", "--eval-interval", "4", "--eval-batches", "1",
-              "--sample-bytes", "0", "--val-fraction", "0.1", "--precision", "fp32"]  # fp32: compared exactly
+              "--sample-bytes", "0", "--val-fraction", "0.1", "--precision", "fp32",  # fp32: compared exactly
+              "--optimizer", "adamw"]  # and AdamW: see test_grad_accumulation_equals_a_bigger_batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "bytelm.cli", "train", *common, "--batch-size", "4",
                              "--out-dir", str(tmp_path / "single")], capture_output=True, text=True, env=env)
@@ -221,12 +226,21 @@ def test_local_stack_learns_at_its_own_rate(tmp_path, code_dir):
         assert len(local) == 1  # a group is all local or all global
         assert g["lr_scale"] == (3.0 if local.pop() else 1.0)
         assert g["lr"] == pytest.approx(trainer.lr * g["lr_scale"])
-    assert len(trainer.optimizer.param_groups) == 4  # decay or not, local or not
+    # Muon: the blocks' matrices, local or not; AdamW: the rest, decayed or not, local or not
+    assert len(trainer.optimizer.param_groups) == 6
+    by_muon = {names[id(p)] for g in trainer.optimizer.parts["muon"].param_groups for p in g["params"]}
+    block_matrices = {n for n, p in trainer.model.named_parameters() if ".blocks." in n and p.dim() == 2}
+    assert by_muon == block_matrices and any(n.startswith("local_model") for n in by_muon)
     transformer = Trainer(tiny_cfg(tmp_path / "t", code_dir, model_type="transformer"), log=lambda *_: None)
-    assert [g["lr_scale"] for g in transformer.optimizer.param_groups] == [1.0, 1.0]  # one stack: one rate
+    assert [g["lr_scale"] for g in transformer.optimizer.param_groups] == [1.0, 1.0, 1.0]  # one stack: one rate
+    adamw = Trainer(tiny_cfg(tmp_path / "a", code_dir, optimizer="adamw"), log=lambda *_: None)
+    assert isinstance(adamw.optimizer, torch.optim.AdamW) and len(adamw.optimizer.param_groups) == 4
 
 
 def test_resume_with_other_parameter_groups_is_one_clear_error(tmp_path, code_dir):
-    Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=1.0), log=lambda *_: None).run(until_step=4)  # 2 groups
+    Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=1.0), log=lambda *_: None).run(until_step=4)  # 3 groups
     with pytest.raises(CheckpointError, match="optimizer state does not fit this run's optimizer"):
-        Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=2.0), resume=True, log=lambda *_: None)  # 4 groups
+        Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=2.0), resume=True, log=lambda *_: None)  # 6 groups
+    with pytest.raises(CheckpointError, match="optimizer state does not fit .* --optimizer"):
+        Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=1.0, optimizer="adamw"), resume=True,
+                log=lambda *_: None)  # a Muon + AdamW state, read by AdamW alone

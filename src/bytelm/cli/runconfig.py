@@ -48,6 +48,8 @@ def _base_settings(config_cls, argv: list[str]) -> dict[str, Any]:
         if "base" not in settings and is_finetune:
             raise UsageError(f"--resume: {out_dir} is a training run, not a fine-tune: resume it with "
                              f"`bytelm train --out-dir {out_dir} --resume`")
+        # a run written before bytelm 0.4 has no `optimizer`: it trained with AdamW alone, and resumes so
+        settings.setdefault("optimizer", "adamw")
         return settings
     if pre.config is not None:
         path = Path(pre.config)

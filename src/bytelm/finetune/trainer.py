@@ -43,6 +43,7 @@ class FinetuneConfig(TrainConfig):
     warmup_steps: int = 20
     weight_decay: float = 0.0  # decay would pull the adapters back toward the base; off by default
     local_lr_scale: float = 1.0  # the local model's adapters learn at this times lr
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' adapter matrices; not measured on adapters)
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [

@@ -2,7 +2,7 @@
 
     checkpoints/latest            name of the newest complete checkpoint (rewritten atomically, last)
     checkpoints/step-0000200/     the model (or a fine-tune's adapter) folder's files, optimizer.safetensors
-                                  (AdamW moments, RNG state), trainer_state.json
+                                  (optimizer moments, RNG state), trainer_state.json
 
 The checkpoint is written into a hidden temporary folder, every file and the folder are fsynced, it is renamed into
 place and its parent fsynced, and only then does `latest` move: a kill or a power loss at any moment leaves the

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from ..errors import ConfigError
 from ..models.registry import config_class, model_types
 from ..typedconfig import TypedConfig
+from .optim import OPTIMIZERS
 from .schedule import SCHEDULES
 
 DEFAULT_MAX_STEPS = 600  # a run's length without --max-steps or a time budget
@@ -32,11 +33,12 @@ class TrainConfig(TypedConfig):
     time_budget: float = 0.0  # seconds of training; the schedule ends with it when it ends first; 0: none
     lr: float = 4e-3  # peak learning rate (small models take a high one)
     local_lr_scale: float = 4.0  # MEGABYTE: the local model's (and output head's) learning rate, relative to lr
+    optimizer: str = "muon"  # muon (Muon for the transformer blocks' matrices, AdamW for the rest) | adamw
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay); either ends with max_steps or the time budget
     decay_fraction: float = 0.2  # wsd: the share of the run spent decaying
     min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warm-up from 0 to lr
-    weight_decay: float = 0.1  # AdamW decay of matrices and embeddings
+    weight_decay: float = 0.1  # decay of matrices and embeddings (Muon's and AdamW's)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # 0: no clipping
@@ -80,6 +82,7 @@ class TrainConfig(TypedConfig):
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio in [0, 1]"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.local_lr_scale > 0, f"local_lr_scale must be > 0, got {self.local_lr_scale}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),

@@ -1,56 +1,130 @@
-"""The optimizer, and its state as safetensors + JSON (no pickle)."""
+"""The optimizer (Muon for the transformer blocks' matrices and AdamW for the rest, or AdamW for all), and its state
+as safetensors + JSON (no pickle)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+OPTIMIZERS = ("muon", "adamw")
 
-def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...]] | None = None
-                   ) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad. Decay matrices and embeddings, not norms, biases or the learned
-    pad vectors (as in nanoGPT). Each group carries an `lr_scale`: parameters whose names start with a prefix of
-    stacks["local"] (MEGABYTE's local model and output head) learn at cfg.local_lr_scale times the schedule's rate,
-    the rest at 1x. A small local model trained at the global model's rate is under-trained: 2x was worth 0.2 bits
-    per byte after 150 steps at two base rates, 4x (bytelm's default) another 0.05-0.15 (README, "What bytelm does
-    differently"); megabyte-pytorch's local stack gains as much from it.
 
-    Fused (one kernel over all parameters, not one op per tensor per update term) where the device has it: about
-    3% of a CPU training step at the benchmark shape, the same update to float tolerance (1.8e-7 after 30 steps)."""
+def in_blocks(name: str) -> bool:
+    """A parameter of a transformer block (bytelm.nn.TransformerStack's `blocks`): what Muon trains."""
+    return ".blocks." in f".{name}"
+
+
+class MuonAdamW:
+    """Muon for the blocks' weight matrices and AdamW for everything else (embeddings, pads, norms, the output head,
+    MEGABYTE's global-to-local projection), stepped as one optimizer. `param_groups` is both optimizers' groups (the
+    same dicts), so a schedule that sets each group's lr reaches both."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.parts = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # read afresh: load_state_dict replaces each part's groups
+        return [g for opt in self.parts.values() for g in opt.param_groups]
+
+    def step(self) -> None:
+        for opt in self.parts.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: opt.state_dict() for name, opt in self.parts.items()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if set(sd) != set(self.parts):
+            raise ValueError(f"a state of optimizers {sorted(sd)}, not {sorted(self.parts)}")
+        for name, opt in self.parts.items():
+            opt.load_state_dict(sd[name])
+
+
+def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...]] | None = None,
+                   hidden: Callable[[str], bool] = in_blocks) -> torch.optim.AdamW | MuonAdamW:
+    """The optimizer over the parameters that require grad: cfg.optimizer "adamw" (AdamW for all) or "muon" (Muon
+    for the weight matrices of the parameters named `hidden`, the transformer blocks', and AdamW for the rest).
+
+    Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalises each matrix's momentum by Newton-Schulz iterations;
+    its update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`, Liu et al. 2025, arXiv 2502.16982), so
+    one learning rate and schedule serve both. At the benchmark shape it was worth 0.25 bits per byte after 150 steps
+    (2 seeds) for ~15% more time per step (README, "How the gap to megabyte-pytorch was closed").
+
+    AdamW decays matrices and embeddings, not norms, biases or the learned pad vectors (as in nanoGPT); Muon decays
+    its matrices. Each group carries an `lr_scale`: parameters whose names start with a prefix of stacks["local"]
+    (MEGABYTE's local model and output head) learn at cfg.local_lr_scale times the schedule's rate, the rest at 1x.
+    A small local model trained at the global model's rate is under-trained: 2x was worth 0.2 bits per byte after
+    150 steps at two base rates, 4x (bytelm's default) another 0.05-0.15 (README); megabyte-pytorch's local stack
+    gains as much from it.
+
+    AdamW is fused (one kernel over all parameters, not one op per tensor per update term) where the device has it:
+    about 3% of a CPU training step at the benchmark shape, the same update to float tolerance."""
     local = (stacks or {}).get("local", ())
-    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    muon = getattr(cfg, "optimizer", "adamw") == "muon"
+    groups: dict[tuple[bool, bool, float], list[torch.nn.Parameter]] = {}  # (by Muon, decayed, lr scale) -> params
     for name, p in model.named_parameters():
         if p.requires_grad:
             scale = cfg.local_lr_scale if local and name.startswith(local) else 1.0
-            groups.setdefault((p.dim() >= 2, scale), []).append(p)
+            by_muon = muon and p.dim() == 2 and hidden(name)
+            groups.setdefault((by_muon, p.dim() >= 2, scale), []).append(p)
+    ordered = sorted(groups.items(), key=lambda kv: (not kv[0][0], not kv[0][1], kv[0][2]))
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
-                    for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+                    for (by_muon, decay, scale), ps in ordered if not by_muon]
     fused = all(p.device.type in ("cpu", "cuda") for g in param_groups for p in g["params"])
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    adamw = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if not muon:
+        return adamw
+    muon_groups = [{"params": ps, "lr_scale": scale} for (by_muon, _, scale), ps in ordered if by_muon]
+    if not muon_groups:  # nothing Muon trains (e.g. a fine-tune of no block matrix): AdamW alone
+        return adamw
+    return MuonAdamW(torch.optim.Muon(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      adjust_lr_fn="match_rms_adamw"), adamw)
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON metadata: no pickle."""
-    sd = opt.state_dict()
+def _split(sd: dict[str, Any], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{prefix}{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `optimizer_tensors`: a state_dict for `Optimizer.load_state_dict`."""
+def optimizer_tensors(opt) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON metadata: no pickle. A MuonAdamW's
+    parts are kept apart: tensors `opt.<part>.<index>.<name>`, metadata {"parts": {part: ...}}."""
+    if isinstance(opt, MuonAdamW):
+        tensors, parts = {}, {}
+        for name, sd in opt.state_dict().items():
+            t, parts[name] = _split(sd, f"opt.{name}.")
+            tensors.update(t)
+        return tensors, {"parts": parts}
+    return _split(opt.state_dict(), "opt.")
+
+
+def _join(tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
+        if key.startswith(prefix):
+            idx, name = key[len(prefix):].split(".", 1)
+            if idx.isdigit():
+                state.setdefault(int(idx), {})[name] = v
     for key, v in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `optimizer_tensors`: a state_dict for the optimizer's `load_state_dict`."""
+    if "parts" in meta:
+        return {name: _join(tensors, m, f"opt.{name}.") for name, m in meta["parts"].items()}
+    return _join(tensors, meta, "opt.")

@@ -1,6 +1,6 @@
-"""Training: AdamW with warmup + cosine decay, clipping, accumulation, bf16 autocast on CUDA, optional torch.compile and
-activation checkpointing, data parallel under torchrun (bytelm.training.parallel), and checkpoints that resume
-exactly (bytelm.training.checkpointing).
+"""Training: Muon + AdamW (or AdamW alone) with warmup + cosine decay, clipping, accumulation, bf16 autocast on CUDA
+(and CPUs with native bf16), optional torch.compile and activation checkpointing, data parallel under torchrun
+(bytelm.training.parallel), and checkpoints that resume exactly (bytelm.training.checkpointing).
 
 A run folder (`out_dir`) describes itself:
 
@@ -9,7 +9,7 @@ A run folder (`out_dir`) describes itself:
     checkpoints/latest            name of the newest complete checkpoint (rewritten atomically, last)
     checkpoints/step-0000200/     config.json + model.safetensors + README.md (a loadable model folder, a Hub
                                   model repository; a LoRA fine-tune's holds its adapter: see bytelm.finetune),
-                                  optimizer.safetensors (AdamW moments, RNG state), trainer_state.json
+                                  optimizer.safetensors (Muon/AdamW moments, RNG state), trainer_state.json
 
 `bytelm.load(out_dir)` loads the latest model.
 """
@@ -178,9 +178,10 @@ class Trainer:
         self.load_weights(ckpt)
         try:
             self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
-        except ValueError as e:  # torch: "loaded state dict has a different number of parameter groups", ...
-            raise CheckpointError(f"--resume: {ckpt}'s optimizer state does not fit this run's optimizer ({e}); "
-                                  "was it written with other settings (e.g. local_lr_scale, by bytelm 0.1: 1)?"
+        except (ValueError, KeyError) as e:  # torch: "loaded state dict has a different number of parameter
+            # groups", ...; a Muon + AdamW state read by AdamW alone: KeyError
+            raise CheckpointError(f"--resume: {ckpt}'s optimizer state does not fit this run's optimizer ({e!s}); "
+                                  "was it written with other settings (e.g. --optimizer, local_lr_scale)?"
                                   ) from None
         torch.set_rng_state(tensors["rng.torch"])
         self.sampler.load_state_dict(state["sampler"])
