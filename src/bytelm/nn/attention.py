@@ -92,8 +92,9 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-# Longest key sequence that `attend` computes as plain matmuls on a CPU in bf16: its (B, H, T, S) scores stay small
-MATMUL_ATTENTION_MAX_KEYS = 1024
+# Longest key sequence that `attend` computes as plain matmuls on a CPU in bf16. Past it SDPA's kernel, which never
+# holds the (B, H, T, S) scores, wins: at (8, 4, T, 64) level at T = 256, 0.7x at 512, 0.34x at 1024 (1 thread)
+MATMUL_ATTENTION_MAX_KEYS = 256
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
@@ -102,9 +103,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     `causal` for T == S with no mask.
 
     `F.scaled_dot_product_attention` everywhere (CUDA picks flash or memory-efficient kernels), except on a CPU in
-    bf16 over short sequences: there its fused kernel takes 2-3x as long, forward and backward, as the same
-    attention written as two matmuls and a softmax (measured at 1 thread for the benchmark model's shapes: global
-    (8, 4, 128, 64) 10.0 vs. 3.3 ms, local (1024, 2, 11, 32) 18.1 vs. 8.0 ms), while in fp32 it is the faster one.
+    bf16 over short sequences (up to MATMUL_ATTENTION_MAX_KEYS keys): there its fused kernel takes 2-3x as long,
+    forward and backward, as the same attention written as two matmuls and a softmax (measured at 1 thread for the
+    benchmark model's shapes: global (8, 4, 128, 64) 10.0 vs. 3.3 ms, local (1024, 2, 11, 32) 18.1 vs. 8.0 ms),
+    while in fp32 it is the faster one.
     Same function either way: outputs agree to bf16 rounding."""
     S = k.shape[-2]
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or S > MATMUL_ATTENTION_MAX_KEYS:
