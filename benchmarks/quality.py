@@ -4,7 +4,7 @@ bytes; repeated for each model-init seed (mean and spread = max - min over seeds
 
     python -m benchmarks.quality --suite quick|full|smoke [--corpus stdlib|cmake-help|PATH] [--seeds 0 1]
                                  [--seconds S] [--lr LR] [--local-lr-scale X] [--optimizer muon|adamw]
-                                 [--precision fp32|bf16|default|both]
+                                 [--precision equal|fp32|bf16|default|both]
 
 Corpus: `stdlib` (the Python standard library's source on this machine, bytelm's default corpus), `cmake-help`
 (CMake's reStructuredText documentation, /usr/share/cmake-*/Help, Debian's cmake-data), or any file or folder; split
@@ -15,9 +15,9 @@ decay, final lr ratio) over each model's own time budget: linear warm-up for its
 first 5% (not TrainConfig's 100 steps, a large share of a short benchmark), then cosine to 10%; every MEGABYTE's
 local stack (bytelm's and the peers' alike) learns at the recipe's `local_lr_scale` times the rate. `--lr` and
 `--local-lr-scale` and `--optimizer` override the recipe for every model.
-Precision: `fp32` trains every model in fp32; `bf16` every model, the peers too, under CPU bf16 autocast (the same
-precision as bytelm's default on a CPU with native bf16: equal precision, equal time); `default` trains bytelm's
-models at their default precision (`TrainConfig.precision="auto"`: bf16 autocast on a CPU with native bf16 matmuls)
+Precision: `equal` (the default) trains every model at bytelm's default precision on this machine (bf16 autocast on
+a CPU with native bf16 matmuls, else fp32); `fp32` trains every model in fp32; `bf16` every model, the peers too,
+under CPU bf16 autocast; `default` trains bytelm's models at their default precision (`TrainConfig.precision="auto"`)
 and the peers in fp32, their default; `both` adds bytelm MEGABYTE at its default precision as an extra row next to
 the all-fp32 rows.
 Training is interleaved in slices of a few seconds, least-trained model first, so that machine noise hits all
@@ -153,8 +153,10 @@ def contenders_for(suite: suites.Suite, cfg: TrainConfig, train, precision: str,
 
 
 def run(suite: suites.Suite, out_dir=RESULTS, corpus: str = "stdlib", seeds: tuple[int, ...] = (0,),
-        lr: float | None = None, local_lr_scale: float | None = None, precision: str = "fp32",
+        lr: float | None = None, local_lr_scale: float | None = None, precision: str = "equal",
         paper: bool = True, name: str | None = None, optimizer: str | None = None) -> dict:
+    if precision == "equal":  # every model at bytelm's default precision on this machine
+        precision = "bf16" if uses_bf16(TrainConfig().precision, torch.device("cpu")) else "fp32"
     train, val, split = load_split(corpus_paths(corpus))
     cfg = recipe(suite, lr, local_lr_scale, optimizer)
     ev = WindowSampler(val, suite.quality_seq_len, 1, seed=2024)
@@ -228,7 +230,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, help="peak lr for every model (default: bytelm's TrainConfig.lr)")
     ap.add_argument("--local-lr-scale", type=float, help="every MEGABYTE's local stack (default: TrainConfig's)")
     ap.add_argument("--optimizer", choices=["muon", "adamw"], help="every model's (default: bytelm's TrainConfig)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "default", "both"])
+    ap.add_argument("--precision", default="equal", choices=["equal", "fp32", "bf16", "default", "both"])
     ap.add_argument("--no-paper", action="store_true", help="leave out the paper's-design MEGABYTE")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<suite>)")
     ap.add_argument("--name", help="results file name without extension (default quality[-CORPUS])")

@@ -52,6 +52,12 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         if "mblm" in b:
             rows.append(f"| training throughput, same shape (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | "
                         f"mblm: {b['mblm']:,.0f} | **{t['megabyte_vs_mblm']:.2f}x** |")
+        ours16 = b.get("bytelm MEGABYTE, bf16 autocast")
+        for other in ("megabyte-pytorch", "mblm"):
+            if ours16 and f"{other}, bf16 autocast" in b:
+                theirs = b[f"{other}, bf16 autocast"]
+                rows.append(f"| training throughput, same shape, both bf16 autocast (bytes/s) | {ours16:,.0f} | "
+                            f"{other}: {theirs:,.0f} | **{ours16 / theirs:.2f}x** |")
         rows.append(f"| training throughput, equal params (bytes/s) | {b['bytelm MEGABYTE']:,.0f} | ByteTransformer: "
                     f"{b['bytelm ByteTransformer']:,.0f} | **{t['megabyte_vs_transformer']:.2f}x** |")
     lc = results.get("long_context")

@@ -8,9 +8,11 @@ rounds; reported is the median step. Same batch shape (train_batch x train_seq_l
 (AdamW, fused where the device has it, as bytelm trains); the peer's loss is our byte loss on its logits (every byte
 counted), which is what it computes too.
 
-Besides the plain fp32 eager rows (the headline ratios), both MEGABYTEs are also timed under bf16 autocast (what
-`--precision bf16` trains with) and, where the suite says so, under torch.compile (`--compile`; its compile time is
-reported, as it counts against a time budget). A row's name says which.
+Besides the plain fp32 eager rows (the headline ratios), the three MEGABYTEs are also timed under bf16 autocast (what
+`--precision bf16` trains with, and `auto` on a CPU with native bf16), bytelm's and megabyte-pytorch's, where the
+suite says so, under torch.compile (`--compile`; its compile time is reported, as it counts against a time budget),
+and bytelm's under bf16 with Muon (its default optimizer: what a default `bytelm train` step costs here). A row's
+name says which.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from bytelm.models import byte_loss
 
 from . import peer as peer_mod
 from . import suites
-from .common import RESULTS, fmt_params, main_for, median, optimizer_step, write
+from .common import RESULTS, adamw, fmt_params, main_for, median, optimizer_step, write
 
 BF16, COMPILED = ", bf16 autocast", ", compiled"
+MUON = ", bf16 autocast + Muon"  # bytelm's default recipe on a CPU with native bf16 (the others: AdamW)
 
 
 def contenders(suite: suites.Suite, seq_len: int) -> dict[str, tuple[torch.nn.Module, object]]:
@@ -44,19 +47,23 @@ def contenders(suite: suites.Suite, seq_len: int) -> dict[str, tuple[torch.nn.Mo
     if peer_mod.mblm_available():
         out["mblm"] = (peer_mod.build_mblm(suite.megabyte, seq_len),
                        lambda f, x: byte_loss(peer_mod.mblm_logits(f, x), x))
-    for name in [n for n in ("bytelm MEGABYTE", "megabyte-pytorch") if n in out]:
-        for how in (BF16, COMPILED) if suite.train_compile else (BF16,):
+    build = {"bytelm MEGABYTE": lambda: Megabyte(suite.megabyte),
+             "megabyte-pytorch": lambda: peer_mod.build_peer(suite.megabyte, seq_len),
+             "mblm": lambda: peer_mod.build_mblm(suite.megabyte, seq_len)}
+    for name in [n for n in build if n in out]:
+        hows = [BF16, COMPILED] if suite.train_compile and name != "mblm" else [BF16]
+        for how in hows + ([MUON] if name == "bytelm MEGABYTE" else []):
             torch.manual_seed(0)
-            model = Megabyte(suite.megabyte) if name.startswith("bytelm") else peer_mod.build_peer(suite.megabyte,
-                                                                                                  seq_len)
-            out[name + how] = (model, out[name][1])
+            out[name + how] = (build[name](), out[name][1])
     return out
 
 
 def step_fn(model, loss_fn, batch_shape, how: str = ""):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = adamw(model, 1e-4, optimizer="muon") if how == MUON else torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                                                                      fused=True)
     forward = torch.compile(model) if how == COMPILED else model
-    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if how == BF16 else contextlib.nullcontext
+    bf16 = how in (BF16, MUON)
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     gen = torch.Generator().manual_seed(0)
 
     def step() -> float:
@@ -78,7 +85,7 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
         torch._inductor.config.force_disable_caches = True
     for name, (m, loss_fn) in models.items():
         m.train()
-        how = next((h for h in (BF16, COMPILED) if name.endswith(h)), "")
+        how = next((h for h in (MUON, BF16, COMPILED) if name.endswith(h)), "")
         steps[name] = step_fn(m, loss_fn, (B, T), how)
         t0 = time.perf_counter()
         steps[name]()  # warm-up (and, compiled, compiling)
@@ -97,7 +104,7 @@ def run(suite: suites.Suite, out_dir=RESULTS) -> dict:
     if "megabyte-pytorch" in bps:
         payload["megabyte_vs_peer"] = bps["bytelm MEGABYTE"] / bps["megabyte-pytorch"]
         payload["variants_vs_peer"] = {name: b / bps["megabyte-pytorch"] for name, b in bps.items()
-                                       if name.startswith(("bytelm MEGABYTE", "megabyte-pytorch"))}
+                                       if name.startswith(("bytelm MEGABYTE", "megabyte-pytorch", "mblm"))}
     payload["compile_seconds"] = compile_s  # the first (warm-up) step of each compiled model, compiling included
     if "mblm" in bps:
         payload["megabyte_vs_mblm"] = bps["bytelm MEGABYTE"] / bps["mblm"]
@@ -121,9 +128,13 @@ def markdown(p: dict) -> str:
         lines.append(f"- bytelm MEGABYTE vs. mblm at the same shape: **{p['megabyte_vs_mblm']:.2f}x**.")
     b = p["bytes_per_s"]
     for how in (BF16, COMPILED):
-        ours, peer = "bytelm MEGABYTE" + how, "megabyte-pytorch" + how
-        if ours in b and peer in b:
-            lines.append(f"- both{how}: bytelm MEGABYTE vs. megabyte-pytorch **{b[ours] / b[peer]:.2f}x**.")
+        ours = "bytelm MEGABYTE" + how
+        for other in ("megabyte-pytorch", "mblm"):
+            if ours in b and other + how in b:
+                lines.append(f"- both{how}: bytelm MEGABYTE vs. {other} **{b[ours] / b[other + how]:.2f}x**.")
+    if "bytelm MEGABYTE" + MUON in b and "bytelm MEGABYTE" + BF16 in b:
+        lines.append(f"- Muon's cost (bytelm's default optimizer; the rows above step AdamW): "
+                     f"{b['bytelm MEGABYTE' + BF16] / b['bytelm MEGABYTE' + MUON]:.2f}x the bf16 AdamW step's time.")
     for name, sec in p.get("compile_seconds", {}).items():
         lines.append(f"- compiling {name.removesuffix(COMPILED)}: {sec:.0f} s (the first step).")
     return "\n".join(lines) + "\n"
