@@ -79,6 +79,22 @@ def test_resume_continues_a_run(trained, capsys):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000160"
 
 
+def test_a_run_from_before_muon_resumes_with_adamw(trained, tmp_path, capsys):
+    """A run.json written before bytelm 0.4 has no `optimizer`: that run trained with AdamW alone, and --resume must
+    go on with AdamW (with 0.4's default, Muon, its checkpoint's optimizer state would not fit)."""
+    data, _ = trained
+    out = tmp_path / "old"
+    assert main(["train", *TINY, "--data", str(data), "--max-steps", "4", "--save-interval", "2", "--eval-interval",
+                 "4", "--sample-bytes", "0", "--optimizer", "adamw", "--out-dir", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    del run["train"]["optimizer"]
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out-dir", str(out), "--max-steps", "6", "--sample-bytes", "0"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["train"]["optimizer"] == "adamw"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
