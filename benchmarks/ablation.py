@@ -29,7 +29,7 @@ from bytelm.data import WindowSampler, load_split
 from bytelm.models import byte_loss
 
 from . import peer, suites
-from .common import RESULTS, adamw, optimizer_step, write
+from .common import RESULTS, bytelm_optimizer, optimizer_step, write
 
 VARIANTS = {
     "ours": "bytelm MEGABYTE, the paper's local model",
@@ -106,7 +106,7 @@ def one(variant: str, steps: int, windows: int = 64) -> dict:
     lr_max = 4e-3 if variant == "ours-lr4e-3" else 2e-3
     train, val, _ = load_split(None)
     m, logits = build(variant)
-    opt = adamw(m, lr_max)
+    opt = bytelm_optimizer(m, lr_max)
     sampler = WindowSampler(train, 1024, 8, seed=1337)
     t0 = time.time()
     for i in range(steps):

@@ -72,8 +72,8 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, local: tuple[str, ...] = (),
-          local_lr_scale: float = 1.0, optimizer: str = "adamw"):
+def bytelm_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, local: tuple[str, ...] = (),
+                     local_lr_scale: float = 1.0, optimizer: str = "adamw"):
     """The optimizer as bytelm trains (bytelm.training.optim.make_optimizer), for every contender alike: AdamW
     (0.9, 0.95), decay on matrices and embeddings only, or with optimizer="muon" Muon for the transformer stacks'
     matrices (bytelm's blocks, megabyte-pytorch's `transformers`, mblm's `stage_models`) and that AdamW for the rest;

@@ -14,7 +14,8 @@ A VARIANT is parts joined by "+". Two families:
   model (`faninit`: the fan_in init scheme, now the default; `torchinit`: PyTorch's own inits; `W8`: local
   window 8; `gemb0.02`: the global byte embedding's init std; `headbias`, `gnorm`, `bias`, `initx2`, `noresscale`,
   `stackinit`) or the recipe (`lr4e-3`: peak lr; `llr4`: local stack at 4x the lr (`locallr2`: 2x); `wd0.05`,
-  `wdemb0`: weight decay; `warm50`: warm-up steps; `bf16`: CPU bf16 autocast).
+  `wdemb0`: weight decay; `warm50`: warm-up steps; `bf16`: CPU bf16 autocast; `muon`: Muon for the stacks'
+  matrices). Block-level parts on bytelm's classes: `qknorm`, `relu2`, `zeroproj`.
 
 Harness = benchmarks/ablation.py's one(): same batches (WindowSampler(train, 1024, 8, seed=1337)), AdamW (0.9, 0.95),
 wd 0.1 on matrices, warm-up 20 steps then cosine to 10%, clip 1.0, lr 2e-3 and the local stack at 1x unless a part
@@ -40,7 +41,7 @@ from torch import nn  # noqa: E402
 torch.set_num_threads(1)
 
 from benchmarks import peer, suites  # noqa: E402
-from benchmarks.common import adamw, optimizer_step  # noqa: E402
+from benchmarks.common import bytelm_optimizer, optimizer_step  # noqa: E402
 from bytelm import Megabyte  # noqa: E402
 from bytelm.data import WindowSampler, load_split  # noqa: E402
 from bytelm.models import byte_loss, get_spec  # noqa: E402
@@ -319,9 +320,11 @@ def optimizer(m, o, lr):
     """The benchmarks' AdamW (bytelm's make_optimizer); the local stack, ours or megabyte-pytorch's, at o["local_lr"]
     times the rate."""
     local = (*get_spec("megabyte").stacks["local"], *peer.PEER_LOCAL, *peer.MBLM_LOCAL)
-    opt = adamw(m, lr, weight_decay=o.get("wd", 0.1), local=local, local_lr_scale=o.get("local_lr", 1.0),
-                optimizer="muon" if o.get("muon") else "adamw")
+    opt = bytelm_optimizer(m, lr, weight_decay=o.get("wd", 0.1), local=local, local_lr_scale=o.get("local_lr", 1.0),
+                           optimizer="muon" if o.get("muon") else "adamw")
     if o.get("wd_emb") is False:  # split the embeddings out of the decayed groups
+        if o.get("muon"):
+            raise KeyError("wdemb0 rebuilds an AdamW from the groups: it cannot be combined with muon")
         emb = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Embedding)}
         groups = []
         for g in opt.param_groups:

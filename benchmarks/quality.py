@@ -28,7 +28,6 @@ for megabyte-pytorch on its own logits (see benchmarks/peer.py)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import math
 import statistics
@@ -42,11 +41,11 @@ from bytelm import ByteTransformer, Megabyte
 from bytelm.data import WindowSampler, load_split
 from bytelm.models import byte_loss, get_spec
 from bytelm.training import TrainConfig
-from bytelm.training.precision import uses_bf16
+from bytelm.training.precision import autocast_for, uses_bf16
 
 from . import peer as peer_mod
 from . import suites
-from .common import RESULTS, adamw, fmt_params, optimizer_step, write
+from .common import RESULTS, bytelm_optimizer, fmt_params, optimizer_step, write
 
 SLICE_SECONDS = 5.0
 CORPORA = {"stdlib": "the Python standard library's source", "cmake-help": "CMake's documentation, reStructuredText"}
@@ -85,8 +84,8 @@ class Contender:
     def __init__(self, name: str, model: torch.nn.Module, logits_fn, suite: suites.Suite, cfg: TrainConfig,
                  train_data, local: tuple[str, ...] = (), bf16: bool = False) -> None:
         self.name, self.model, self.logits_fn, self.suite, self.cfg = name, model, logits_fn, suite, cfg
-        self.opt = adamw(model, cfg.lr, cfg.weight_decay, local=local, local_lr_scale=cfg.local_lr_scale,
-                         optimizer=cfg.optimizer)
+        self.opt = bytelm_optimizer(model, cfg.lr, cfg.weight_decay, local=local, local_lr_scale=cfg.local_lr_scale,
+                                    optimizer=cfg.optimizer)
         self.sampler = WindowSampler(train_data, suite.quality_seq_len, suite.quality_batch, seed=1337)
         self.bf16 = bf16
         self.elapsed, self.steps, self.losses = 0.0, 0, []
@@ -100,7 +99,7 @@ class Contender:
         return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95)))
 
     def cast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        return autocast_for("bf16" if self.bf16 else "fp32", torch.device("cpu"))
 
     def train_for(self, seconds: float) -> None:
         self.model.train()
@@ -127,10 +126,15 @@ class Contender:
         return nats / (math.log(2) * n)
 
 
+def bytelm_default_bf16() -> bool:
+    """Whether `bytelm train` computes in bf16 autocast on this machine's CPU (TrainConfig's default precision)."""
+    return uses_bf16(TrainConfig().precision, torch.device("cpu"))
+
+
 def contenders_for(suite: suites.Suite, cfg: TrainConfig, train, precision: str, paper: bool) -> list[Contender]:
     ours = lambda m, x: m(x)  # noqa: E731
     local = get_spec("megabyte").stacks["local"]
-    default_bf16 = uses_bf16(TrainConfig().precision, torch.device("cpu"))
+    default_bf16 = bytelm_default_bf16()
     bf16 = precision == "bf16" or (precision == "default" and default_bf16)
     peers_bf16 = precision == "bf16"
     out = [Contender(OURS, Megabyte(suite.megabyte), ours, suite, cfg, train, local, bf16=bf16)]
@@ -156,7 +160,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, corpus: str = "stdlib", seeds: tup
         lr: float | None = None, local_lr_scale: float | None = None, precision: str = "equal",
         paper: bool = True, name: str | None = None, optimizer: str | None = None) -> dict:
     if precision == "equal":  # every model at bytelm's default precision on this machine
-        precision = "bf16" if uses_bf16(TrainConfig().precision, torch.device("cpu")) else "fp32"
+        precision = "bf16" if bytelm_default_bf16() else "fp32"
     train, val, split = load_split(corpus_paths(corpus))
     cfg = recipe(suite, lr, local_lr_scale, optimizer)
     ev = WindowSampler(val, suite.quality_seq_len, 1, seed=2024)

@@ -17,17 +17,18 @@ name says which.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 
 import torch
 
 from bytelm import ByteTransformer, Megabyte
 from bytelm.models import byte_loss
+from bytelm.training.precision import autocast_for
 
 from . import peer as peer_mod
 from . import suites
-from .common import RESULTS, adamw, fmt_params, main_for, median, optimizer_step, write
+from .common import RESULTS, bytelm_optimizer, fmt_params, main_for, median, optimizer_step, write
 
 BF16, COMPILED = ", bf16 autocast", ", compiled"
 MUON = ", bf16 autocast + Muon"  # bytelm's default recipe on a CPU with native bf16 (the others: AdamW)
@@ -36,34 +37,33 @@ MUON = ", bf16 autocast + Muon"  # bytelm's default recipe on a CPU with native 
 def contenders(suite: suites.Suite, seq_len: int) -> dict[str, tuple[torch.nn.Module, object]]:
     """name -> (module, loss_fn(forward, x)); a name ending in BF16 or COMPILED is timed that way."""
     ours = lambda f, x: byte_loss(f(x), x)  # noqa: E731  (what model.loss computes, through `f`)
-    torch.manual_seed(0)
-    out = {
-        "bytelm MEGABYTE": (Megabyte(suite.megabyte), ours),
-        "bytelm ByteTransformer": (ByteTransformer(suite.transformer_eq), ours),
-    }
+    # each MEGABYTE: (how to build it, its loss)
+    megabytes = {"bytelm MEGABYTE": (lambda: Megabyte(suite.megabyte), ours)}
     if peer_mod.available():
-        out["megabyte-pytorch"] = (peer_mod.build_peer(suite.megabyte, seq_len),
-                                   lambda f, x: byte_loss(peer_mod.peer_logits(f, x), x))
+        megabytes["megabyte-pytorch"] = (lambda: peer_mod.build_peer(suite.megabyte, seq_len),
+                                         lambda f, x: byte_loss(peer_mod.peer_logits(f, x), x))
     if peer_mod.mblm_available():
-        out["mblm"] = (peer_mod.build_mblm(suite.megabyte, seq_len),
-                       lambda f, x: byte_loss(peer_mod.mblm_logits(f, x), x))
-    build = {"bytelm MEGABYTE": lambda: Megabyte(suite.megabyte),
-             "megabyte-pytorch": lambda: peer_mod.build_peer(suite.megabyte, seq_len),
-             "mblm": lambda: peer_mod.build_mblm(suite.megabyte, seq_len)}
-    for name in [n for n in build if n in out]:
+        megabytes["mblm"] = (lambda: peer_mod.build_mblm(suite.megabyte, seq_len),
+                             lambda f, x: byte_loss(peer_mod.mblm_logits(f, x), x))
+    torch.manual_seed(0)
+    out = {}  # the plain rows, in this order: bytelm's two models, then the peers
+    for name, (build, loss) in megabytes.items():
+        out[name] = (build(), loss)
+        if name == "bytelm MEGABYTE":
+            out["bytelm ByteTransformer"] = (ByteTransformer(suite.transformer_eq), ours)
+    for name, (build, loss) in megabytes.items():
         hows = [BF16, COMPILED] if suite.train_compile and name != "mblm" else [BF16]
         for how in hows + ([MUON] if name == "bytelm MEGABYTE" else []):
             torch.manual_seed(0)
-            out[name + how] = (build[name](), out[name][1])
+            out[name + how] = (build(), loss)
     return out
 
 
 def step_fn(model, loss_fn, batch_shape, how: str = ""):
-    opt = adamw(model, 1e-4, optimizer="muon") if how == MUON else torch.optim.AdamW(model.parameters(), lr=1e-4,
-                                                                                      fused=True)
+    opt = (bytelm_optimizer(model, 1e-4, optimizer="muon") if how == MUON
+           else torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     forward = torch.compile(model) if how == COMPILED else model
-    bf16 = how in (BF16, MUON)
-    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    precision = functools.partial(autocast_for, "bf16" if how in (BF16, MUON) else "fp32", torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
 
     def step() -> float:
