@@ -33,7 +33,9 @@ from .errors import (
     DataError,
     EvaluationError,
     GenerationError,
+    GenerationFailed,
     HubError,
+    TrainingDiverged,
     UsageError,
 )
 
@@ -67,7 +69,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterError", "ByteLM", "ByteTransformer", "BytelmError", "CheckpointError", "ConfigError", "DataError",
-    "EvaluationError", "GenerationError", "HubError", "Megabyte", "MegabyteConfig", "TrainConfig",
-    "TransformerConfig", "UsageError", "__version__", "build", "evaluate", "generate", "load", "load_adapter",
-    "push", "stream", "train",
+    "EvaluationError", "GenerationError", "GenerationFailed", "HubError", "Megabyte", "MegabyteConfig",
+    "TrainConfig", "TrainingDiverged", "TransformerConfig", "UsageError", "__version__", "build", "evaluate",
+    "generate", "load", "load_adapter", "push", "stream", "train",
 ]

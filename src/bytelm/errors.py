@@ -1,7 +1,9 @@
 """One error story: every problem that is the user's input, not a bug, is a `BytelmError`.
 
 The CLI prints a `BytelmError` as one line naming the problem and exits with status 2; anything else is a bug and
-keeps its traceback. Each error also subclasses `ValueError`, as bad values in Python do, so `except ValueError`
+keeps its traceback. Some errors are not refusals of bad input but runs that could not finish (a model whose output
+turned NaN, a swarm that lost every server of a span, a full disk): they too are one line and status 2, and say what
+was kept. Each error also subclasses `ValueError`, as bad values in Python do, so `except ValueError`
 still catches them.
 
     BytelmError
@@ -11,6 +13,8 @@ still catches them.
         HubError         a hub id that cannot be resolved, or a push that failed
         AdapterError     a LoRA setting, adapter folder or base that cannot be used
       GenerationError    bad generation arguments: prompt, length, sampling settings
+      GenerationFailed   a generation that started and could not finish (non-finite logits, a failed swarm)
+      TrainingDiverged   a training run whose loss, gradients or weights stopped being finite
       EvaluationError    bad evaluation arguments: window length, stride, batch size
       UsageError         a command-line request that cannot be carried out (a file that is a folder, ...)
 """
@@ -44,6 +48,14 @@ class GenerationError(BytelmError):
     """Bad generation arguments (prompt type, length, sampling settings)."""
 
 
+class GenerationFailed(BytelmError):
+    """A generation that started and could not finish; what was generated so far is not the answer."""
+
+
+class TrainingDiverged(BytelmError):
+    """A training run whose loss, gradient norm or weights are no longer finite; it stops without saving them."""
+
+
 class EvaluationError(BytelmError):
     """Bad evaluation arguments (window length, stride, batch size, data)."""
 
@@ -53,4 +65,4 @@ class UsageError(BytelmError):
 
 
 __all__ = ["AdapterError", "BytelmError", "CheckpointError", "ConfigError", "DataError", "EvaluationError",
-           "GenerationError", "HubError", "UsageError"]
+           "GenerationError", "GenerationFailed", "HubError", "TrainingDiverged", "UsageError"]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import GenerationError
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, check_seed, sample
 
 
 class Decodable(Protocol):
@@ -59,8 +59,7 @@ def check_request(model: Decodable, prompt_len: int, max_new_bytes: int, tempera
         raise GenerationError(f"max_new_bytes must be an integer, got {max_new_bytes!r}")
     if max_new_bytes < 0:
         raise GenerationError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise GenerationError(f"seed must be an integer, got {seed!r}")
+    check_seed(seed)
     total, limit = prompt_len + max_new_bytes, model.config.max_seq_len
     if total > limit:
         raise GenerationError(f"prompt ({prompt_len} bytes) + max_new_bytes ({max_new_bytes}) = {total} exceeds "

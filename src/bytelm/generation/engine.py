@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import GenerationError
+from ..errors import BytelmError, GenerationError
 from .decode import Decodable, check_request
-from .sampling import sample
+from .sampling import check_logits, sample
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
@@ -258,9 +258,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - a fault in one step must not kill the engine thread
             self.stats["errors"] += 1
             with self.cond:
+                why = str(e) if isinstance(e, BytelmError) else f"{type(e).__name__}: {e}"  # else: a bug, named
                 for req in reqs:
                     if not req.finished:
-                        self._finish(req, "error", f"{type(e).__name__}: {e}")
+                        self._finish(req, "error", why)
 
     def _prefill(self, req: Request) -> None:
         p = req.params
@@ -273,6 +274,14 @@ class Engine:
 
     def _sample_and_feed(self, ready: list[Request]) -> None:
         logits = torch.stack([r.logits for r in ready])  # (n, 256)
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):  # a row whose model output is NaN or inf ends with an error; the others go on
+            broken = [r for r, ok in zip(ready, finite.tolist(), strict=True) if not ok]
+            self._guard(broken, check_logits, logits[~finite])
+            ready = [r for r, ok in zip(ready, finite.tolist(), strict=True) if ok]
+            if not ready:
+                return
+            logits = logits[finite]
         nxt = logits.argmax(dim=-1)  # greedy rows; the others sample with their own generator, as `decode` does
         for j, req in enumerate(ready):
             p = req.params
