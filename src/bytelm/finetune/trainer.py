@@ -53,6 +53,7 @@ class FinetuneConfig(TrainConfig):
             (self.lora_target in TARGETS, f"lora_target must be one of {', '.join(TARGETS)}"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),
             (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
             *self._schedule_checks(),
         ]
 

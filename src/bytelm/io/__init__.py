@@ -11,6 +11,7 @@ from .folders import (
     CONFIG_NAME,
     MODEL_FILES,
     WEIGHTS_NAME,
+    checkpoint_steps,
     latest_checkpoint,
     load_state_strict,
     model_folder,
@@ -27,7 +28,7 @@ from .folders import (
 __all__ = [
     "ADAPTER_CONFIG_NAME", "ADAPTER_FILES", "ADAPTER_INFO_NAME", "ADAPTER_WEIGHTS_NAME", "CARD_NAME", "CONFIG_NAME",
     "MODEL_FILES", "WEIGHTS_NAME", "atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir",
-    "fsync_file", "finish_folder", "latest_checkpoint", "load_state_strict", "model_folder", "read_adapter_folder",
-    "read_json_object", "read_model_config", "read_weights", "recorded_base", "resolve_local", "state_problems",
-    "write_model_files",
+    "fsync_file", "finish_folder", "checkpoint_steps", "latest_checkpoint", "load_state_strict", "model_folder",
+    "read_adapter_folder", "read_json_object", "read_model_config", "read_weights", "recorded_base", "resolve_local",
+    "state_problems", "write_model_files",
 ]

@@ -12,6 +12,7 @@ bytelm.finetune) turn what is read here into models.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,37 @@ def read_json_object(path: Path, error: type[Exception] = CheckpointError) -> di
 
 
 # --- run folders ----------------------------------------------------------------------------------------------------
+CHECKPOINT_NAME = re.compile(r"step-(\d{7,})")  # step-0000200: zero-padded, so names sort as steps do
+
+
+def checkpoint_steps(root: str | Path) -> dict[int, Path]:
+    """step -> folder of every checkpoint folder under a run's `checkpoints/` (complete or not)."""
+    root = Path(root)
+    found = {}
+    if root.is_dir():
+        for p in root.iterdir():
+            m = CHECKPOINT_NAME.fullmatch(p.name)
+            if m and p.is_dir():
+                found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a training run folder, or None if it has none."""
+    """The newest complete checkpoint of a training run folder, or None if it has none. `latest` may only name a
+    checkpoint folder beside it (`step-NNNNNNN`): a path out of the run folder is refused, never followed."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    ckpt = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer} cannot be read ({e}); it should hold one checkpoint's name, e.g. "
+                              "step-0000200") from None
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not the name of a checkpoint folder beside it "
+                              "(step-NNNNNNN); write the name of one of its checkpoints into it")
+    ckpt = root / name
     if not (ckpt / "trainer_state.json").is_file():
         raise CheckpointError(f"{pointer} names {ckpt.name}, which is missing or incomplete")
     return ckpt

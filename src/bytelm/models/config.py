@@ -10,6 +10,8 @@ field's type (see bytelm.typedconfig). Which class a `model_type` names is bytel
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,6 +66,10 @@ class ModelConfig(TypedConfig):
             raise ConfigError(f"{self.model_type} config: {msg}")
 
     def _check_common(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            self._check(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be finite, got {v}")
+        self._check(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
         self._check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
         self._check(self.pos_emb in POS_EMB_CHOICES, f"pos_emb must be one of {POS_EMB_CHOICES}, got {self.pos_emb!r}")
         self._check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")

@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..io import atomic_write_text, finish_folder, fsync_dir, latest_checkpoint, read_json_object, read_weights
+from ..errors import CheckpointError
+from ..io import (
+    atomic_write_text,
+    checkpoint_steps,
+    finish_folder,
+    fsync_dir,
+    latest_checkpoint,
+    read_json_object,
+    read_weights,
+)
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
@@ -30,23 +42,61 @@ STATE_NAME = "trainer_state.json"
 def write_checkpoint(root: Path, step: int, write_weights: Callable[[Path], None], tensors: dict[str, torch.Tensor],
                      state: dict[str, Any], keep: int) -> Path:
     """Write checkpoint `step-NNNNNNN` under `root` (weights by `write_weights(folder)`, optimizer tensors, trainer
-    state), make it durable, point `latest` at it, and keep only the newest `keep` checkpoints."""
+    state), make it durable, point `latest` at it, and keep only the newest `keep` checkpoints up to this one.
+
+    A write that fails (a full disk, a quota) removes what it wrote and is a `CheckpointError`; the previous
+    checkpoint and `latest` are untouched. Checkpoints of later steps than this one are never pruned here: a run
+    resumed from an earlier checkpoint sets those aside first (`set_aside_later`)."""
     name = f"step-{step:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_weights(tmp)
-    save_file(tensors, tmp / OPTIMIZER_NAME)
-    (tmp / STATE_NAME).write_text(json.dumps(state))
-    finish_folder(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    atomic_write_text(root / "latest", name + "\n")  # the commit point (fsynced, and its folder)
-    kept = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in kept[:-keep]:
+    moved = False
+    try:
+        tmp.mkdir(parents=True)
+        write_weights(tmp)
+        save_file(tensors, tmp / OPTIMIZER_NAME)
+        (tmp / STATE_NAME).write_text(json.dumps(state))
+        finish_folder(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        moved = True
+        fsync_dir(root)
+        atomic_write_text(root / "latest", name + "\n")  # the commit point (fsynced, and its folder)
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved:  # complete, but `latest` could not be moved to it: leave no folder that nothing names
+            shutil.rmtree(final, ignore_errors=True)
+        previous = latest_checkpoint(root.parent)
+        raise CheckpointError(f"could not write checkpoint {name}: {os_reason(e)}; nothing of it was kept, and "
+                              + (f"checkpoints/latest still names {previous.name}" if previous else
+                                 "no earlier checkpoint exists") + ". Free some space and resume with --resume."
+                              ) from None
+    for old in [p for s, p in checkpoint_steps(root).items() if s < step][: -(keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def os_reason(e: Exception) -> str:
+    """What went wrong in a failed write, as the system says it ("No space left on device")."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    m = re.search(r"os error (\d+)", str(e))
+    return os.strerror(int(m.group(1))) if m else str(e)
+
+
+def set_aside_later(root: Path, step: int) -> Path | None:
+    """Move the checkpoints of steps after `step` (a run resumed from an earlier one, after `latest` was rolled
+    back) into `root/rolled-back-<time>/`, so that neither pruning nor this run's own later checkpoints touch them.
+    Returns that folder, or None when there were none."""
+    later = [p for s, p in checkpoint_steps(root).items() if s > step]
+    if not later:
+        return None
+    aside = root / f"rolled-back-{time.strftime('%Y%m%d-%H%M%S')}-from-step-{step:07d}"
+    aside.mkdir()
+    for p in later:
+        os.replace(p, aside / p.name)
+    fsync_dir(root)
+    return aside
 
 
 def read_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -55,3 +105,27 @@ def read_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[
     if ckpt is None:
         return None
     return ckpt, read_weights(ckpt / OPTIMIZER_NAME), read_json_object(ckpt / STATE_NAME)
+
+
+def check_trainer_state(ckpt: Path, state: dict[str, Any]) -> None:
+    """The fields of a trainer_state.json that resuming takes on trust, checked: a corrupt or hand-edited one is one
+    `CheckpointError` naming the field, not a run that starts at step -100."""
+    def bad(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{ckpt / STATE_NAME}: {field} {why}; the checkpoint cannot be resumed from")
+
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step != int(ckpt.name.split("-")[1]):
+        raise bad("step", f"is {step!r}, not the step its folder is named after ({ckpt.name})")
+    elapsed = state.get("elapsed")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < float("inf"):
+        raise bad("elapsed", f"is {elapsed!r}, not a number of seconds >= 0")
+    seen = state.get("bytes_seen")
+    if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
+        raise bad("bytes_seen", f"is {seen!r}, not a count >= 0")
+    for field in ("sampler", "optimizer"):
+        if not isinstance(state.get(field), dict):
+            raise bad(field, "is missing or not an object")
+    last = state.get("last_val")
+    if last is not None and not (isinstance(last, list) and len(last) == 2 and isinstance(last[0], int)
+                                 and isinstance(last[1], (int, float))):
+        raise bad("last_val", f"is {last!r}, not [step, loss]")

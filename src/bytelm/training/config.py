@@ -3,6 +3,8 @@ is the flag's help), `run.json` records them, `--config FILE` reads them back.""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,6 +44,8 @@ class TrainConfig(TypedConfig):
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # 0: no clipping
+    # a step whose loss or gradient norm is NaN or inf is skipped (no update); this many in a row stop the run
+    max_bad_steps: int = 3
     seed: int = 1337  # model init and data order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on a CPU with native bf16, else fp32) | fp32 | bf16
@@ -73,13 +77,21 @@ class TrainConfig(TypedConfig):
 
     def _schedule_checks(self) -> list[tuple[bool, str]]:
         """The checks every run shares, a fine-tune too (bytelm.finetune.FinetuneConfig)."""
+        floats = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), float)]
+        not_finite = [f"{n}={getattr(self, n)}" for n in floats if not math.isfinite(getattr(self, n))]
         return [
+            (not not_finite, f"{', '.join(not_finite)}: every number must be finite"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.max_steps >= 0, "max_steps must be >= 1 (or 0: the default)"),
             (self.seq_len >= 0, "seq_len must be >= 0"),
             (self.time_budget >= 0, "time_budget must be >= 0"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr must be > 0 and min_lr_ratio in [0, 1]"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {self.beta1}, "
+                                                          f"{self.beta2}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}"),
+            (self.max_bad_steps >= 0, f"max_bad_steps must be >= 0, got {self.max_bad_steps}"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.local_lr_scale > 0, f"local_lr_scale must be > 0, got {self.local_lr_scale}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),

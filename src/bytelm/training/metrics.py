@@ -6,13 +6,15 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointError
+
 FIELDS = ["step", "split", "loss", "bpb", "lr", "bytes_per_s", "elapsed_s"]
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -26,8 +28,13 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def truncate(path: Path, step: int) -> None:
-    """Drop the rows logged after `step` (a resumed run logs them again)."""
-    rows = [r for r in read_rows(path) if int(r["step"]) <= step]
+    """Drop the rows logged after `step` (a resumed run logs them again). A file that is not a metrics log is a
+    `CheckpointError` (it is not rewritten: it may be someone's data)."""
+    try:
+        rows = [r for r in read_rows(path) if int(r["step"]) <= step]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error) as e:
+        raise CheckpointError(f"{path} is not a bytelm metrics log ({type(e).__name__}: {e}); move it aside to "
+                              "resume (the run starts a new one)") from None
     if path.exists():
         path.unlink()
     for r in rows:
@@ -51,12 +58,19 @@ def plot_metrics(out_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = read_rows(out_dir / "metrics.csv")
+    try:
+        rows = read_rows(out_dir / "metrics.csv")
+    except (UnicodeDecodeError, csv.Error):
+        return None
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("val", "o-")):
-        pts = [(int(r["step"]), float(r["bpb"])) for r in rows if r["split"] == split]
+        try:
+            pts = [(int(r["step"]), float(r["bpb"])) for r in rows if r["split"] == split]
+        except (ValueError, TypeError):  # a hand-edited log: the picture is not worth failing a finished run for
+            plt.close(fig)
+            return None
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=split, markersize=3)
     ax.set_xlabel("step")

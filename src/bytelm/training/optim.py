@@ -127,3 +127,20 @@ def optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     if "parts" in meta:
         return {name: _join(tensors, m, f"opt.{name}.") for name, m in meta["parts"].items()}
     return _join(tensors, meta, "opt.")
+
+
+def state_shape_problems(opt, sd: dict[str, Any]) -> list[str]:
+    """Every saved moment whose shape differs from its parameter's (torch's load_state_dict takes them as they are,
+    and the next step fails deep inside torch or, broadcast, trains on nonsense)."""
+    if isinstance(opt, MuonAdamW):
+        return [p for name, part in opt.parts.items() for p in state_shape_problems(part, sd.get(name, {}))]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved = [i for g in sd.get("param_groups", []) for i in g.get("params", [])]
+    by_id = dict(zip(saved, params, strict=False))
+    problems = []
+    for idx, st in sd.get("state", {}).items():
+        p = by_id.get(idx)
+        for k, v in st.items():
+            if p is not None and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                problems.append(f"{k} of parameter {idx}: {tuple(v.shape)} vs {tuple(p.shape)}")
+    return problems

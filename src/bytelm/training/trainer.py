@@ -31,14 +31,14 @@ from tqdm import tqdm
 from .._version import __version__
 from ..data import WindowSampler, load_split
 from ..devices import resolve_device
-from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_text, latest_checkpoint
+from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
+from ..io import atomic_write_text, checkpoint_steps, latest_checkpoint
 from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
 from ..nn import Block
 from . import metrics
-from .checkpointing import read_checkpoint, write_checkpoint
+from .checkpointing import check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
 from .config import TrainConfig
-from .optim import make_optimizer, optimizer_state, optimizer_tensors
+from .optim import make_optimizer, optimizer_state, optimizer_tensors, state_shape_problems
 from .parallel import ParallelEnv, no_sync, wrap_model
 from .precision import autocast_for
 from .schedule import lr_at
@@ -62,6 +62,8 @@ class Trainer:
         self.device, self.rank, self.world, self.master = self.env.device, self.env.rank, self.env.world, \
             self.env.master
 
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out-dir {self.out} is a file, not a folder")
         self.model_config = cfg.model_config()
         self.seq_len = cfg.seq_len or self.model_config.max_seq_len
         if self.seq_len > self.model_config.max_seq_len:
@@ -76,12 +78,20 @@ class Trainer:
         # the parameters that require grad: all, or a LoRA's; per-stack learning rates from the model type's spec
         self.optimizer = make_optimizer(self.model, cfg, get_spec(self.model_config.model_type).stacks)
         self.step, self.elapsed, self.bytes_seen, self.lr = 0, 0.0, 0, 0.0
+        self.bad_steps = 0  # non-finite steps in a row (skipped)
+        self.save_due = False  # a checkpoint put off by a non-finite step
+        self.last_batch: torch.Tensor | None = None  # what a checkpoint's weights are checked on
         self.last_val: tuple[int, float] | None = None  # (step, loss) of the latest validation estimate
         if resume:
             self._load_checkpoint()
         elif latest_checkpoint(self.out) is not None:
             raise CheckpointError(f"{self.out} already holds a run; pass --resume to continue it, or choose "
                                   "another --out-dir")
+        elif checkpoint_steps(self.out / "checkpoints"):  # not ours to prune, nor to mix with a new run's
+            found = ", ".join(p.name for p in checkpoint_steps(self.out / "checkpoints").values())
+            raise CheckpointError(f"{self.out}/checkpoints holds {found} but no `latest`: write the name of the one "
+                                  "to continue from into checkpoints/latest and pass --resume, or choose another "
+                                  "--out-dir")
 
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -160,6 +170,10 @@ class Trainer:
 
     # checkpoints -----------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        if not self.env.agree(self.model_finite()):  # never let `latest` move to a broken model
+            raise TrainingDiverged(f"training diverged at step {self.step}: the updated weights are not finite or "
+                                   f"give a non-finite loss; not saved. {self.kept_checkpoint()} Try a lower --lr "
+                                   f"(it is {self.cfg.lr:g}).")
         if not self.master:
             return None
         tensors, meta = optimizer_tensors(self.optimizer)
@@ -175,20 +189,31 @@ class Trainer:
         if found is None:
             raise CheckpointError(f"--resume: {self.out} has no checkpoint to resume from")
         ckpt, tensors, state = found
+        check_trainer_state(ckpt, state)
         self.load_weights(ckpt)
         try:
-            self.optimizer.load_state_dict(optimizer_state(tensors, state["optimizer"]))
-        except (ValueError, KeyError) as e:  # torch: "loaded state dict has a different number of parameter
-            # groups", ...; a Muon + AdamW state read by AdamW alone: KeyError
+            sd = optimizer_state(tensors, state["optimizer"])
+            wrong = state_shape_problems(self.optimizer, sd)
+            if wrong:
+                raise ValueError(f"moments of other shapes than the model's: {'; '.join(wrong[:4])}")
+            self.optimizer.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # torch: "loaded state dict has a different
+            # number of parameter groups", ...; a Muon + AdamW state read by AdamW alone: KeyError
             raise CheckpointError(f"--resume: {ckpt}'s optimizer state does not fit this run's optimizer ({e!s}); "
                                   "was it written with other settings (e.g. --optimizer, local_lr_scale)?"
                                   ) from None
-        torch.set_rng_state(tensors["rng.torch"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.step, self.elapsed, self.bytes_seen = state["step"], state["elapsed"], state["bytes_seen"]
+        try:
+            torch.set_rng_state(tensors["rng.torch"])
+            self.sampler.load_state_dict(state["sampler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"--resume: {ckpt}'s random number generator state is corrupt ({e!s})") from None
+        self.step, self.elapsed, self.bytes_seen = state["step"], float(state["elapsed"]), state["bytes_seen"]
         self.last_val = tuple(state["last_val"]) if state.get("last_val") else None
         if self.master:
             metrics.truncate(self.out / "metrics.csv", self.step)
+            aside = set_aside_later(self.out / "checkpoints", self.step)
+            if aside is not None:
+                self.log(f"checkpoints after step {self.step} (`latest` was rolled back past them) moved to {aside}")
         self.log(f"resumed {self.out} at step {self.step} ({ckpt.name})")
 
     # the loop --------------------------------------------------------------------------------------------------
@@ -218,16 +243,60 @@ class Trainer:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x = self.sampler.next_batch().to(self.device, non_blocking=True)
+            x = self.last_batch = self.sampler.next_batch().to(self.device, non_blocking=True)
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-step
             total += self._micro_step(x, sync)
+        params = [p for p in self.model.parameters() if p.grad is not None]
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # the norm is of the all-reduced gradients, the same on every rank; rank 0 decides for all
+        if self.env.agree(not (math.isfinite(total) and math.isfinite(norm))):
+            self._skip_bad_step(total, float(norm))
+        else:
+            self.optimizer.step()
+            self.bad_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.bytes_seen += self.batch_bytes
         return total
+
+    def _skip_bad_step(self, loss: float, norm: float) -> None:
+        """A step whose loss or gradient norm is not finite makes no update. A rare bad batch (an overflow, a spike)
+        is skipped and training goes on, as large runs do (PaLM skipped batches around its spikes); `max_bad_steps`
+        in a row, or weights that are themselves broken, stop the run: skipping more would only burn time."""
+        self.bad_steps += 1
+        what = f"step {self.step + 1}: loss {loss:.4g}, gradient norm {norm:.4g}"
+        if self.bad_steps > self.cfg.max_bad_steps or not self.weights_finite():
+            why = "the weights are no longer finite" if not self.weights_finite() else \
+                f"{self.bad_steps} steps in a row were not finite"
+            raise TrainingDiverged(f"training diverged at {what}: {why}; stopped without saving. "
+                                   f"{self.kept_checkpoint()} Try a lower --lr (it is {self.cfg.lr:g}).")
+        self.log(f"warning: {what}: not finite, update skipped ({self.bad_steps} of at most "
+                 f"{self.cfg.max_bad_steps} in a row)")
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def model_finite(self) -> bool:
+        """Finite weights that give a finite loss on the last batch: an update can leave finite weights so large
+        that every forward overflows (one micro-batch's forward, at each checkpoint only)."""
+        if not self.weights_finite():
+            return False
+        if self.last_batch is None:
+            return True
+        self.model.eval()
+        with self.autocast:
+            loss = self.model.loss(self.last_batch)
+        self.model.train()
+        return bool(torch.isfinite(loss))
+
+    def kept_checkpoint(self) -> str:
+        ckpt = latest_checkpoint(self.out)
+        return f"{self.out}/checkpoints/latest still names {ckpt.name}: resume from it with --resume." if ckpt \
+            else "No checkpoint was written."
 
     def _micro_step(self, x: torch.Tensor, sync: bool) -> float:
         """Forward and backward of one micro-batch; returns its loss / grad_accum. With `compile`, the first call
@@ -288,8 +357,16 @@ class Trainer:
                 val = self.estimate_val()
                 self.last_val = (self.step, val)
                 self.log_val(val)
+            if self.bad_steps and last:
+                raise TrainingDiverged(f"the run ended at step {self.step} on {self.bad_steps} non-finite step(s) in "
+                                       f"a row; its last weights were not saved. {self.kept_checkpoint()}")
             if self.step % cfg.save_interval == 0 or last:
+                self.save_due = True
+                if self.bad_steps:
+                    self.log(f"step {self.step}: no checkpoint after a non-finite step; the next finite one saves")
+            if self.save_due and not self.bad_steps:
                 self.save_checkpoint()
+                self.save_due = False
             if self.step % cfg.eval_interval == 0 or self.step % cfg.save_interval == 0:
                 t_last = time.perf_counter()  # keep evaluation and saving out of the next bytes/s figure
             if out_of_time:
