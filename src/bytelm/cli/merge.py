@@ -21,12 +21,13 @@ class MergeArgs:
     """an adapter folder, a fine-tune run folder (its latest checkpoint) or a hub id"""
     out: Path  # the model folder to write
     base: str | None = None  # the base model (default: the one the adapter records)
+    force: bool = False  # overwrite --out if it is not an empty folder (a model, run or adapter folder)
 
 
 def main(argv: list[str]) -> int:
     from ..finetune import merge
 
     args = parse(MergeArgs, argv, "bytelm merge")
-    out = merge(args.adapter, args.out, base=args.base)
+    out = merge(args.adapter, args.out, base=args.base, overwrite=args.force)
     print(f"merged {args.adapter} into its base: {out} (`bytelm generate {out}`)")
     return 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
+import socket
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import UsageError
 from .models import ModelArg, load, load_remote
@@ -31,7 +35,7 @@ class ServeArgs:
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
     drain_timeout: float = 30.0  # seconds running streams get to finish on shutdown
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_level: str = "info"  # uvicorn's: critical | error | warning | info | debug
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"  # uvicorn's
     initial_peers: list[str] = dataclasses.field(default_factory=list)
     """serve MODEL with its global model on the swarm reached through these peers (bytelm swarm serve)"""
     swarm: str | None = None  # with --initial-peers: the swarm's name in the DHT (default: derived from MODEL)
@@ -52,6 +56,9 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.max_streams < 1 or args.max_queue < 0 or args.max_request_bytes < 1:
         raise UsageError("--max-streams and --max-request-bytes must be >= 1, --max-queue >= 0")
+    if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
+        raise UsageError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
+    sock = listen(args.host, args.port)  # before the model loads: a port in use is known at once
     if args.host not in LOOPBACK and args.api_key is None:
         print(f"bytelm serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use "
               "it", file=sys.stderr)
@@ -65,8 +72,28 @@ def main(argv: list[str]) -> int:
     engine = Engine(model, max_streams=args.max_streams, max_queue=args.max_queue)
     app = create_app(engine, name, args.api_key, ServerLimits(args.max_request_bytes,
                                                                   drain_timeout_s=args.drain_timeout))
+    port = sock.getsockname()[1]  # --port 0: the one the system chose
     print(f"bytelm serve: {name} ({model.model_type}, {model.num_params() / 1e6:.1f}M params, context "
-          f"{model.config.max_seq_len} bytes) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
+          f"{model.config.max_seq_len} bytes) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (as uvicorn binds one), or one clear line saying why it cannot be."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: cannot be resolved ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "is in use by another program" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+        raise UsageError(f"{host}:{port} {why}; choose another --port (or --port 0 for any free one)") from None
+    sock.set_inheritable(True)
+    return sock

@@ -215,8 +215,14 @@ def load_adapter(adapter: str | Path, base: str | Path | None = None, device: st
     return model.eval()
 
 
-def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None) -> Path:
-    """Fold an adapter into its base and write a plain model folder (config.json + model.safetensors + card)."""
+def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Fold an adapter into its base and write a plain model folder (config.json + model.safetensors + card). An
+    `out` that exists and is not an empty folder (a model, run or adapter folder: its weights would be replaced, and
+    a run folder would then load the merged model instead of its checkpoints) is refused unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise AdapterError(f"--out {out} is not empty (it is a file or holds a folder's files); name a new folder, "
+                           "or pass --force to overwrite it")
     folder, config, info = read_adapter(adapter)
     model = load_adapter(folder, base=base, merge=True)
     ref = str(base) if base is not None else recorded_base(config, info)
