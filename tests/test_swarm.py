@@ -1,7 +1,9 @@
 """The swarm (bytelm.swarm): real `bytelm swarm serve` processes on loopback, each started in its own session and
 killed by process group; the client in this process. Invariants: through the swarm equals local (greedy, byte for
 byte; loss; a fine-tune), also after a server is killed with SIGKILL mid-generation; a server that joins later is
-used; a lying server is caught by the spot check; malformed requests get errors and the server goes on."""
+used; a lying server is caught by the spot check; malformed requests get errors and the server goes on; servers of
+other weights (one global block changed) get another default swarm name and, forced under the same name, are
+refused; one peer's sessions and one request's size are capped, a disconnected peer's sessions freed."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ pytest.importorskip("peft")
 from benchmarks.swarm import Server as _Server  # noqa: E402
 from bytelm import Megabyte, MegabyteConfig  # noqa: E402
 from bytelm.generation.engine import Engine, SamplingParams  # noqa: E402
-from bytelm.swarm import ServerFailed, SwarmError, remote_model, swarm_lora  # noqa: E402
+from bytelm.swarm import ServerFailed, SwarmError, remote_model, swarm_lora, swarm_name  # noqa: E402
 
 HERE = Path(__file__).parent
 CLIENT = dict(request_timeout=10.0, refresh_period=0.2, ban_seconds=30.0)
@@ -47,6 +49,18 @@ def local(folder):
     return Megabyte.from_pretrained(folder)
 
 
+@pytest.fixture(scope="module")
+def other(folder):
+    """The model with one weight of global block 2 changed (what a merged fine-tune of the global model is, in
+    small): another model to a swarm."""
+    m = Megabyte.from_pretrained(folder)
+    with torch.no_grad():
+        m.global_model.blocks[2].mlp.fc.weight[0, 0] += 1e-3
+    path = folder.parent / "other"
+    m.save_pretrained(path)
+    return path
+
+
 def start(folder, spans, *args: str) -> list[Server]:
     """Servers for `spans` (each "I:J"), joined through the first of them, once the DHT shows them all."""
     first = Server(folder, "--blocks", spans[0], *args).wait()
@@ -59,9 +73,9 @@ def start(folder, spans, *args: str) -> list[Server]:
 def seen(folder, servers: list[Server]) -> list[Server]:
     """Wait until a client finds every one of `servers` announced: a server prints its address after storing its
     announcement, but a lookup may reach DHT nodes that have not got it yet."""
-    from bytelm.swarm import SwarmClient, swarm_name
+    from bytelm.swarm import SwarmClient
 
-    client = SwarmClient(swarm_name(folder), 4, [servers[0].addr])
+    client = SwarmClient(swarm_name(folder), 4, [servers[0].addr])  # no fingerprints: sees every server
     try:
         deadline = time.monotonic() + 30
         while not {s.peer for s in servers} <= set(client.refresh(force=True)):
@@ -74,7 +88,8 @@ def seen(folder, servers: list[Server]) -> list[Server]:
 
 @pytest.fixture(scope="module")
 def swarm(folder):
-    servers = start(folder, ["0:2", "1:4", "2:4"])  # overlapping spans
+    # overlapping spans; a request may carry 10,000 rows x positions (the streamed test's 17 x 512 fit)
+    servers = start(folder, ["0:2", "1:4", "2:4"], "--max-request-tokens", "10000")
     yield servers
     for s in servers:
         s.kill()
@@ -125,6 +140,8 @@ def test_bad_requests_get_errors_and_the_server_goes_on(remote, swarm):
         ("open", [], {**good, "session": "t" * 16, "start": 1, "end": 3}, "end must be"),
         ("open", [], {**good, "session": "u" * 16, "batch": 1024, "max_len": 512}, "refused"),
         ("forward", [torch.zeros(1, 5000, 64)], {"start": 0, "end": 2}, "allowed"),
+        ("forward", [torch.zeros(20, 512, 64)], {"start": 0, "end": 2},
+         r"refused: 10240 rows x positions in one request, over this server's limit of 10000 \(--max-request-tokens"),
         ("launch", [], {}, "unknown operation"),
     ]
     for op, tensors, meta, why in bad:
@@ -145,6 +162,101 @@ def test_payloads_over_the_unary_limit_are_streamed(remote, local, swarm):
     assert remote.swarm.stats["bytes_sent"] - sent > x.numel() * 4
     with torch.inference_mode():
         assert torch.allclose(got, local.global_model.run_blocks(x, 0, 2), atol=1e-5)
+
+
+def test_work_over_a_servers_request_limit_is_sent_in_parts(remote, local, swarm):
+    x = torch.randn(20, 512, 64)  # 10,240 rows x positions: over the servers' 10,000
+    sent = remote.swarm.stats["messages"]
+    got = remote.swarm.stateless("forward", [x], 0, 2, prefer=swarm[0].peer)
+    assert remote.swarm.stats["messages"] - sent == 2  # 19 rows, then 1
+    with torch.inference_mode():
+        assert torch.allclose(got, local.global_model.run_blocks(x, 0, 2), atol=1e-5)
+    # a decoding session's prefill of 20 rows x 500 positions goes in chunks of rows too; then a step of all rows
+    session = remote.global_model.new_caches(20, 512, None, torch.float32)
+    caches = local.global_model.new_caches(20, 512, torch.device("cpu"), torch.float32)
+    try:
+        for pos, t in [(0, 500), (500, 1)]:
+            h = torch.randn(20, t, 64)
+            got = session.step(h, pos, None, None)
+            with torch.inference_mode():
+                assert torch.allclose(got, local.global_model.run_blocks(h, 0, 4, caches, pos), atol=1e-4)
+    finally:
+        session.close()
+
+
+def test_a_change_to_one_global_block_changes_the_swarm_name(folder, other):
+    from bytelm.swarm.spans import fingerprints, load_span_fingerprinted
+
+    a, b = fingerprints(folder), fingerprints(other)
+    assert swarm_name(folder) != swarm_name(other)
+    assert a.outside == b.outside and [x != y for x, y in zip(a.blocks, b.blocks, strict=True)] == [0, 0, 1, 0]
+    # what a server announces is hashed from the tensors it loaded, and equals what a client reads from the file
+    assert load_span_fingerprinted(other, 1, 4)[2] == list(b.blocks[1:])
+
+
+def test_servers_of_other_weights_under_the_same_name_are_refused(folder, other, local, swarm, capsys):
+    from bytelm.cli import main
+    from bytelm.swarm import SwarmClient
+
+    name = swarm_name(folder)
+    # the other model's client, forced under this name: block 2 is held only by servers of other weights (1:4, 2:4)
+    m = remote_model(str(other), [swarm[0].addr], swarm=name, **CLIENT)
+    with pytest.raises(SwarmError, match=r"with this model's weights can serve blocks 0:4 .*refused 2 server\(s\) "
+                                         r"of this swarm name with other weights"):
+        m.generate(b"x", 4, temperature=0)
+    m.swarm.close()
+    # a server of the other weights, forced under this name and announced faster than any: never used
+    impostor = Server(other, "--blocks", "0:4", "--swarm", name, "--initial-peers", swarm[0].addr, "--throughput",
+                      "1000000").wait()
+    try:
+        seen(folder, [*swarm, impostor])
+        honest = tuple(s.peer for s in swarm)
+        blind = SwarmClient(name, 4, [swarm[0].addr], **CLIENT)  # without fingerprints the impostor would serve
+        assert blind.route(0, 4, exclude=honest) == [(impostor.peer, 0, 4)]
+        blind.close()
+        m = remote_model(str(folder), [swarm[0].addr], **CLIENT)
+        assert all(p != impostor.peer for p, _, _ in m.swarm.route(0, 4))
+        assert m.swarm.others[impostor.peer][1] == [2]
+        with pytest.raises(SwarmError, match=r"refused 1 server\(s\) of this swarm name with other weights"):
+            m.swarm.route(0, 4, exclude=honest)
+        assert m.generate(PROMPT, 32, temperature=0) == local.generate(PROMPT, 32, temperature=0)
+        m.swarm.close()
+        assert main(["swarm", "status", str(folder), "--initial-peers", swarm[0].addr]) == 0
+        out = capsys.readouterr().out
+        assert "3 server(s) online" in out and "1 server(s) under this name with other weights, refused" in out
+        assert f"{impostor.peer}  blocks 0:4  mismatched fingerprints at block 2" in out
+    finally:
+        impostor.kill()
+
+
+def test_one_peer_is_held_to_its_limits_while_others_are_served(folder, remote, swarm):
+    from bytelm.swarm import SwarmClient
+
+    peer = swarm[0].peer  # blocks 0:2, width 64, 64 MiB of cache: 32 MiB for one peer's sessions
+    greedy = SwarmClient(swarm_name(folder), 4, [swarm[0].addr], **CLIENT)  # another peer id than `remote`'s
+    spec = {"batch": 1, "max_len": 4, "start": 0, "end": 2}
+    before = remote.swarm.info(peer)["sessions"]
+    try:
+        for i in range(16):
+            greedy.call(peer, "open", [], {**spec, "session": f"greedy-{i:04d}"})
+        with pytest.raises(ServerFailed, match=r"refused: this peer holds 16 sessions.*--max-sessions-per-peer 16"):
+            greedy.call(peer, "open", [], {**spec, "session": "greedy-more"})
+        # another peer is served meanwhile, and cannot touch the first one's sessions
+        remote.swarm.call(peer, "open", [], {**spec, "session": "patient-0001"})
+        with pytest.raises(ServerFailed, match="unknown session"):
+            remote.swarm.call(peer, "step", [torch.zeros(1, 1, 64)], {"session": "greedy-0000", "calls": [{"pos": 0}]})
+        remote.swarm.call(peer, "close", [], {"session": "patient-0001"})
+        # 40 MiB fit in the server's free cache, not in one peer's share
+        with pytest.raises(ServerFailed, match=r"over the 32.0 MiB one peer may hold \(--peer-cache-share 0.5"):
+            remote.swarm.call(peer, "open", [], {**spec, "session": "patient-0002", "batch": 80, "max_len": 512})
+        assert remote.swarm.info(peer)["sessions"] >= 16
+    finally:
+        greedy.close()
+    # its peer gone, the server frees its sessions within seconds (not after --session-timeout)
+    deadline = time.monotonic() + 20
+    while remote.swarm.info(peer)["sessions"] > before:
+        assert time.monotonic() < deadline, "a disconnected peer's sessions were kept"
+        time.sleep(0.5)
 
 
 def test_finetune_through_the_swarm_equals_local(remote, local, folder):
@@ -260,7 +372,11 @@ def test_cli_errors_are_one_line(folder, capsys):
                       (["swarm", "generate", str(folder), "--prompt", "x"], "name at least one peer"),
                       (["swarm", "serve", str(folder), "--blocks", "3:1"], "not a span of this model's 4 blocks"),
                       (["swarm", "serve", str(folder), "--blocks", "a:b"], "--blocks must be I:J"),
-                      (["swarm", "finetune", str(folder)], "name at least one peer")]:
+                      (["swarm", "finetune", str(folder)], "name at least one peer"),
+                      (["swarm", "serve", str(folder), "--max-sessions-per-peer", "0"], "must be >= 1"),
+                      (["swarm", "serve", str(folder), "--peer-cache-share", "2"], "must be in (0, 1]"),
+                      (["swarm", "serve", str(folder), "--blocks", "0:4", "--max-request-tokens", "100"],
+                       "at least the 512 positions of one whole row")]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert why in err and len(err.splitlines()) == 1, err
@@ -284,8 +400,16 @@ def test_routing_and_span_choice():
     assert choose_span({}, 4, 9) == (0, 4)
     for bad in [{"start": 2, "end": 1, "throughput": 1.0, "cache_free": 0}, {"start": 0}, "x",
                 {"start": 0, "end": 1, "throughput": float("nan"), "cache_free": 0},
-                {"start": 0, "end": 1, "throughput": 1.0, "cache_free": 0, "state": "evil"}]:
+                {"start": 0, "end": 1, "throughput": 1.0, "cache_free": 0, "state": "evil"},
+                {"start": 0, "end": 2, "throughput": 1.0, "cache_free": 0, "fingerprints": ["0" * 16]},  # one of 2
+                {"start": 0, "end": 1, "throughput": 1.0, "cache_free": 0, "fingerprints": ["X" * 16]},
+                {"start": 0, "end": 1, "throughput": 1.0, "cache_free": 0, "fingerprints": "0" * 16},
+                {"start": 0, "end": 1, "throughput": 1.0, "cache_free": 0, "fingerprints": [16]}]:
         assert ServerInfo.parse(bad) is None
+    ok = ServerInfo.parse({"start": 1, "end": 3, "throughput": 1.0, "cache_free": 0, "fingerprints": ["a" * 16] * 2})
+    assert ok.mismatches(["a" * 16, "b" * 16, "a" * 16, "a" * 16]) == [1]
+    silent = ServerInfo.parse({"start": 1, "end": 3, "throughput": 1.0, "cache_free": 0})  # announces none
+    assert silent.mismatches(["a" * 16] * 4) == [1, 2]
     bans = Bans(base=10.0)
     bans.ban("A")
     assert bans.banned("A") and not bans.banned("B")

@@ -21,7 +21,9 @@ from .options import parse
 @dataclass
 class SwarmServeArgs:
     """Holds a span of the model's global blocks (a byte transformer: its blocks) and serves it to the swarm's
-    clients; announces itself in the swarm's DHT until stopped (Ctrl-C: it announces itself offline, then exits)."""
+    clients; announces itself, with its blocks' fingerprints, in the swarm's DHT until stopped (Ctrl-C: it announces
+    itself offline, then exits). Without --swarm the name digests every weight of the model (read once, about a second
+    per GB); with it, only the span's blocks are read."""
 
     model: ModelArg = None
     """a model folder, a training run folder or a hub id (org/name): only its blocks in the span are read"""
@@ -30,9 +32,12 @@ class SwarmServeArgs:
     initial_peers: list[str] = dataclasses.field(default_factory=list)  # multiaddrs of peers in the swarm
     host: str = "127.0.0.1"  # the address to listen on (loopback by default)
     port: int = 0  # 0: any free port
-    swarm: str | None = None  # the swarm's name in the DHT (default: derived from the model's config and weights)
+    swarm: str | None = None  # the swarm's name in the DHT (default: a digest of the model's config and every weight)
     max_cache_mb: float = 1024.0  # KV cache memory for all sessions; a session beyond it is refused
-    session_timeout: float = 600.0  # seconds an idle session keeps its cache
+    session_timeout: float = 60.0  # seconds an idle session keeps its cache (a disconnected peer's: a few seconds)
+    max_sessions_per_peer: int = 16  # sessions one peer may hold open at once; more are refused
+    peer_cache_share: float = 0.5  # the share of --max-cache-mb one peer's sessions may hold
+    max_request_tokens: int | None = None  # rows x positions in one request (default: what the span computes in ~1 s)
     announce_period: float = 30.0  # seconds between announcements (each lasts 3 periods)
     throughput: float | None = None  # announce this many steps/s instead of measuring
     threads: int | None = None  # torch threads (default: torch's)
@@ -41,7 +46,8 @@ class SwarmServeArgs:
 @dataclass
 class SwarmStatusArgs:
     """The servers of the model's swarm: their blocks, throughput, free cache and round trip from here, and how well
-    each block is covered (a block nobody serves means no generation)."""
+    each block is covered (a block nobody serves means no generation). Servers whose fingerprints differ from the
+    model's (other weights under the same name) are listed as refused and cover nothing."""
 
     model: ModelArg = None
     """a model folder, a training run folder or a hub id (org/name)"""
@@ -87,10 +93,18 @@ def main(argv: list[str]) -> int:
         if args.num_blocks is not None and args.num_blocks < 1:
             raise UsageError("--num-blocks must be >= 1")
         blocks = None if args.blocks is None else _blocks(args.blocks)
+        if args.max_sessions_per_peer < 1:
+            raise UsageError("--max-sessions-per-peer must be >= 1")
+        if not 0 < args.peer_cache_share <= 1:
+            raise UsageError("--peer-cache-share must be in (0, 1]")
+        if args.max_request_tokens is not None and args.max_request_tokens < 1:
+            raise UsageError("--max-request-tokens must be >= 1")
         run_server(args.model, args.swarm or swarm_name(args.model), blocks, args.num_blocks, args.initial_peers,
                    args.host, args.port, args.max_cache_mb, args.announce_period, args.session_timeout,
                    args.throughput, args.threads, log=lambda m: print(f"bytelm swarm serve: {m}", file=sys.stderr,
-                                                                       flush=True))
+                                                                       flush=True),
+                   max_sessions_per_peer=args.max_sessions_per_peer, peer_cache_share=args.peer_cache_share,
+                   max_request_tokens=args.max_request_tokens)
         return 0
     if argv[0] == "finetune":
         return _finetune(argv[1:])
@@ -136,13 +150,14 @@ def _status(argv: list[str]) -> int:
     args = parse(SwarmStatusArgs, argv, "bytelm swarm status")
     if not args.initial_peers:
         raise UsageError("name at least one peer of the swarm: --initial-peers ADDR")
-    from ..swarm import SwarmClient, swarm_name
+    from ..swarm import SwarmClient
     from ..swarm.registry import coverage
-    from ..swarm.spans import read_config, remote_stack
+    from ..swarm.spans import fingerprints, read_config, remote_stack
 
     _, depth = remote_stack(read_config(args.model))
-    name = args.swarm or swarm_name(args.model)
-    client = SwarmClient(name, depth, args.initial_peers)
+    prints = fingerprints(args.model)
+    name = args.swarm or prints.name
+    client = SwarmClient(name, depth, args.initial_peers, fingerprints=prints.blocks)
     try:
         infos = client.refresh(force=True)
         print(f"swarm {name}: {len(infos)} server(s) online for {depth} blocks")
@@ -151,6 +166,13 @@ def _status(argv: list[str]) -> int:
             print(f"  {peer}  blocks {i.start}:{i.end}  {i.throughput:,.0f} steps/s  "
                   f"{i.cache_free / 2**20:,.0f} MiB cache free  "
                   f"{'unreachable' if rtt is None else f'{rtt * 1000:.1f} ms'}  (bytelm {i.version or '?'})")
+        if client.others:
+            print(f"{len(client.others)} server(s) under this name with other weights, refused (another model or "
+                  "fine-tune):")
+        for peer, (i, differ) in sorted(client.others.items(), key=lambda kv: (kv[1][0].start, kv[0])):
+            what = ("announces no fingerprints" if not i.fingerprints else
+                    f"mismatched fingerprints at block{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))}")
+            print(f"  {peer}  blocks {i.start}:{i.end}  {what}  (bytelm {i.version or '?'})")
         cov = coverage(infos, depth)
         gaps = [b for b, c in enumerate(cov) if c == 0]
         print("blocks nobody serves: " + (", ".join(map(str, gaps)) if gaps else "none"))

@@ -12,6 +12,15 @@
 
 Routing and bans: bytelm.swarm.registry. Training goes through `forward`/`backward` RPCs (stateless), one autograd
 Function per server in the chain: servers return the gradient for their input and never change their weights.
+
+Which servers are used at all: those whose announced fingerprints (one per block, bytelm.swarm.spans) equal the
+model's. A server of other weights under the same swarm name (another model, a fine-tune, a changed file) is refused
+and never routed to. An announcement is the server's word, not a proof: a server that announces the right
+fingerprints and computes something else is caught only by the spot checks (`verify_fraction`), like any liar.
+
+Work larger than a server's `max_request_tokens` (rows x positions in one request, from its `info`) is sent in
+parts: a step's calls over several requests, a call's or a training batch's rows in chunks (rows are independent in
+every block).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import atexit
 import random
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +47,7 @@ from ..nn import TransformerStack
 from . import wire
 from .registry import Bans, ServerInfo, route, servers
 from .server import SpanServer, new_session_id
-from .spans import client_weights, load_client_parts, remote_stack, swarm_name_of
+from .spans import client_weights, fingerprints, load_client_parts, remote_stack
 from .wire import SwarmError
 
 
@@ -62,12 +72,21 @@ def _agree(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 
 
 class SwarmClient:
+    """`fingerprints`: the model's, one per block (bytelm.swarm.spans.fingerprints(...).blocks); servers announcing
+    others are refused (`others`). None accepts any server of the swarm (for tools that only look)."""
+
     def __init__(self, swarm: str, depth: int, initial_peers: list[str], *, request_timeout: float = 30.0,
                  refresh_period: float = 5.0, ban_seconds: float = 15.0, verify_fraction: float = 0.0,
-                 verify_tolerance: float = 1e-3, max_failures: int = 8, seed: int | None = None) -> None:
+                 verify_tolerance: float = 1e-3, max_failures: int = 8, seed: int | None = None,
+                 fingerprints: Sequence[str] | None = None) -> None:
         if not 0.0 <= verify_fraction <= 1.0:
             raise SwarmError(f"verify_fraction must be in [0, 1], got {verify_fraction}")
+        if fingerprints is not None and len(fingerprints) != depth:
+            raise SwarmError(f"{len(fingerprints)} fingerprints for {depth} blocks")
         self.swarm, self.depth = swarm, depth
+        self.fingerprints = None if fingerprints is None else tuple(fingerprints)
+        self.others: dict[str, tuple[ServerInfo, list[int]]] = {}  # refused: other weights (the blocks that differ)
+        self.limits: dict[str, int] = {}  # max_request_tokens of each server, from its info
         self.request_timeout, self.refresh_period, self.max_failures = request_timeout, refresh_period, max_failures
         self.verify_fraction, self.verify_tolerance = verify_fraction, verify_tolerance
         self.rng = random.Random(seed)
@@ -94,10 +113,18 @@ class SwarmClient:
 
     # --- who serves what ---------------------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> dict[str, ServerInfo]:
-        """The servers' announcements, looked up again when older than refresh_period; a server seen for the first
-        time is pinged (its round trip is what routing charges for one more hop)."""
+        """The announcements of the servers with the model's weights, looked up again when older than
+        refresh_period (the others are kept in `others`, never used); a server seen for the first time is pinged
+        (its round trip is what routing charges for one more hop)."""
         if force or time.monotonic() - self._seen > self.refresh_period:
-            self.infos, self._seen = servers(self.dht, self.swarm, self.depth), time.monotonic()
+            found, self._seen = servers(self.dht, self.swarm, self.depth), time.monotonic()
+            self.infos, self.others = {}, {}
+            for peer, info in found.items():
+                differ = [] if self.fingerprints is None else info.mismatches(self.fingerprints)
+                if differ:
+                    self.others[peer] = (info, differ)
+                else:
+                    self.infos[peer] = info
             for peer in self.infos:
                 if peer not in self.rtt and not self._avoid(peer):
                     try:
@@ -120,7 +147,12 @@ class SwarmClient:
                 return chain
         known = ", ".join(f"{p[-8:]} {i.start}:{i.end}{' (avoided)' if self._avoid(p) else ''}"
                           for p, i in sorted(self.infos.items())) or "none"
-        raise SwarmError(f"no server of swarm {self.swarm} can serve blocks {a}:{b} now (servers: {known})")
+        others = [f"{p[-8:]} {i.start}:{i.end}" for p, (i, _) in sorted(self.others.items())
+                  if i.start < b and a < i.end]
+        refused = (f"; refused {len(others)} server(s) of this swarm name with other weights ({', '.join(others)}): "
+                   "they serve another model or fine-tune" if others else "")
+        raise SwarmError(f"no server of swarm {self.swarm} with this model's weights can serve blocks {a}:{b} now "
+                         f"(servers: {known}){refused}")
 
     def holders(self, a: int, b: int, exclude=()) -> list[str]:
         """Servers holding all of blocks a..b-1, fastest first."""
@@ -160,8 +192,12 @@ class SwarmClient:
 
     def _ping(self, peer: str) -> float:
         t0 = time.perf_counter()
-        self.info(peer)
-        return time.perf_counter() - t0
+        info = self.info(peer)
+        dt = time.perf_counter() - t0
+        limit = info.get("max_request_tokens")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            self.limits[peer] = limit
+        return dt
 
     def info(self, peer: str) -> dict[str, Any]:
         return self.call(peer, "info", [], {})[1]
@@ -195,9 +231,16 @@ class SwarmClient:
             return out
 
     def _checked(self, peer: str, op: str, tensors, meta, like: torch.Tensor) -> torch.Tensor:
-        outs, _ = self.call(peer, op, tensors, meta)
-        check_outputs(peer, outs, [like])
-        return outs[0]
+        """One stateless request, in chunks of rows when it is over the server's max_request_tokens."""
+        n, t = like.shape[:2]
+        per = max(1, self.limits.get(peer, n * t) // t)
+        outs = []
+        for i in range(0, n, per):
+            part = [x[i:i + per] for x in tensors]
+            got, _ = self.call(peer, op, part, meta)
+            check_outputs(peer, got, part[:1])
+            outs.append(got[0])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _arbitrate(self, peer: str, out: torch.Tensor, a: int, b: int, rerun, first_other=None):
         """Spot check: `out` (from `peer`) against a second server's `rerun(p)`; if they disagree, a third decides,
@@ -266,9 +309,35 @@ class RemoteSession:
         return seg
 
     def _send(self, seg: Segment, xs: list[torch.Tensor], calls: list[dict]) -> list[torch.Tensor]:
-        outs, _ = self.client.call(seg.peer, "step", xs, {"session": seg.sid, "calls": calls})
-        check_outputs(seg.peer, outs, xs)
-        return outs
+        """Calls to seg's server, in as many requests as its max_request_tokens needs (in order: each call sees the
+        caches the previous ones wrote); a call over the limit alone goes in chunks of its rows."""
+        limit = self.client.limits.get(seg.peer)
+        if limit is None or sum(x.shape[0] * x.shape[1] for x in xs) <= limit:
+            outs, _ = self.client.call(seg.peer, "step", xs, {"session": seg.sid, "calls": calls})
+            check_outputs(seg.peer, outs, xs)
+            return outs
+        pieces: list[tuple[int, torch.Tensor, dict]] = []  # (which call, x, call) small enough to send
+        for j, (x, c) in enumerate(zip(xs, calls, strict=True)):
+            per = max(1, limit // x.shape[1])
+            if x.shape[0] <= per:
+                pieces.append((j, x, c))
+                continue
+            rows = list(range(x.shape[0])) if c["rows"] is None else c["rows"]
+            for i in range(0, x.shape[0], per):
+                pos = c["pos"][i:i + per] if isinstance(c["pos"], list) else c["pos"]
+                pieces.append((j, x[i:i + per], {**c, "pos": pos, "rows": rows[i:i + per]}))
+        parts: list[list[torch.Tensor]] = [[] for _ in xs]
+        while pieces:
+            batch, size = [], 0
+            while pieces and (not batch or size + pieces[0][1].shape[0] * pieces[0][1].shape[1] <= limit):
+                batch.append(pieces.pop(0))
+                size += batch[-1][1].shape[0] * batch[-1][1].shape[1]
+            sent = [p[1] for p in batch]
+            outs, _ = self.client.call(seg.peer, "step", sent, {"session": seg.sid, "calls": [p[2] for p in batch]})
+            check_outputs(seg.peer, outs, sent)
+            for (j, _, _), o in zip(batch, outs, strict=True):
+                parts[j].append(o)
+        return [p[0] if len(p) == 1 else torch.cat(p) for p in parts]
 
     def _build(self, a: int, b: int, history: list[tuple[torch.Tensor, dict]]) -> list[Segment]:
         """Open sessions on the best chain over a..b-1 and replay `history` (the calls block a was sent) through
@@ -383,7 +452,12 @@ class RemoteSession:
         try:
             agreed = c._arbitrate(seg.peer, out, seg.a, seg.b, rerun, first_other=v.peer)
         except ServerFailed as e:
-            c.bans.ban(e.peer)
+            if e.peer == v.peer and "unknown session" in str(e):  # idle too long there: a new verifier next time
+                seg.verifier = None
+            else:
+                c.bans.ban(e.peer)
+            for s in fresh.values():
+                self._close(s)
             return out
         if seg.peer in c.liars:  # the verifier takes over; the referee, in step too, becomes the verifier
             self._close(Segment(seg.peer, seg.a, seg.b, seg.sid))
@@ -467,10 +541,12 @@ class RemoteStack(nn.Module):
 
 def remote_model(model: str, initial_peers: list[str], swarm: str | None = None, **client_options):
     """MODEL (a model folder, run folder or hub id) with its remote stack served by the swarm reached through
-    `initial_peers`: a ByteLM whose `.swarm` is its SwarmClient. Only the weights outside the remote stack are read."""
+    `initial_peers`: a ByteLM whose `.swarm` is its SwarmClient. Only the weights outside the remote stack are held;
+    the blocks' are read once, a tensor at a time, for their fingerprints (which servers must announce to be used)."""
     config, weights = client_weights(model)
     _, depth = remote_stack(config)
-    client = SwarmClient(swarm or swarm_name_of(config, weights), depth, initial_peers, **client_options)
+    prints = fingerprints(model)
+    client = SwarmClient(swarm or prints.name, depth, initial_peers, fingerprints=prints.blocks, **client_options)
     try:
         m = load_client_parts(config, weights, lambda cfg, stack: RemoteStack(client, stack, depth),
                               f"{model} ({WEIGHTS_NAME})")

@@ -3,13 +3,15 @@ through the servers (after Petals' block selection and routing, re-implemented o
 
 Announcements: one DHT key per block, `{swarm}.{block}`, and under it one subkey per server (its peer id), holding a
 `ServerInfo` as a plain dict; each expires after `ttl` seconds, so a server re-announces every ttl / 3 and a dead one
-drops out by itself. A server that stops cleanly announces itself offline first.
+drops out by itself. A server that stops cleanly announces itself offline first. An announcement carries the
+fingerprints of the server's blocks (bytelm.swarm.spans), which a client compares with its model's.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -18,6 +20,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 ONLINE, OFFLINE = "online", "offline"
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -28,6 +31,7 @@ class ServerInfo:
     cache_free: int  # bytes of KV cache it can still give to new sessions
     state: str = ONLINE
     version: str = ""
+    fingerprints: list[str] = field(default_factory=list)  # of blocks start..end-1, in order; [] for none announced
 
     @classmethod
     def parse(cls, value) -> ServerInfo | None:
@@ -35,11 +39,22 @@ class ServerInfo:
         try:
             info = cls(**value)
             ok = (isinstance(info.start, int) and isinstance(info.end, int) and 0 <= info.start < info.end
+                  and not isinstance(info.start, bool) and not isinstance(info.end, bool)
                   and isinstance(info.throughput, (int, float)) and math.isfinite(info.throughput)
-                  and info.throughput > 0 and isinstance(info.cache_free, int) and info.state in (ONLINE, OFFLINE))
+                  and info.throughput > 0 and isinstance(info.cache_free, int) and info.state in (ONLINE, OFFLINE)
+                  and isinstance(info.version, str) and len(info.version) <= 64
+                  and isinstance(info.fingerprints, list)
+                  and (info.fingerprints == [] or (len(info.fingerprints) == info.end - info.start and all(
+                      isinstance(f, str) and FINGERPRINT.fullmatch(f) for f in info.fingerprints))))
             return info if ok else None
         except TypeError:
             return None
+
+    def mismatches(self, expected: list[str] | tuple[str, ...]) -> list[int]:
+        """The blocks whose announced fingerprint is not `expected[block]` (all of them when none is announced)."""
+        if not self.fingerprints:
+            return list(range(self.start, self.end))
+        return [b for b, f in zip(range(self.start, self.end), self.fingerprints, strict=True) if f != expected[b]]
 
 
 async def _store(dht, node, keys, values, expiration, subkeys):  # runs in the DHT's process (hence module level)

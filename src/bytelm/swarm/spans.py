@@ -7,12 +7,20 @@
              the remote stack: `load_client_parts`
 
 Both build the model on the meta device (no memory, no init), keep what they need and load it with `assign=True`.
+
+Fingerprints: every block of the remote stack has a digest of all of its tensors' bytes (`block_digest`); servers
+announce those of the blocks they loaded, clients compare them with the model's own (`fingerprints`, read from
+model.safetensors one tensor at a time) and refuse a server of other weights. The default swarm name digests the
+config, every weight outside the remote stack and every block's fingerprint, so any change to the weights (a merged
+fine-tune of the global blocks too) gives another swarm.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,6 +85,13 @@ def _skeleton(config) -> nn.Module:
 def load_span(model: str | Path, start: int, end: int) -> tuple[object, TransformerStack]:
     """(config, blocks start..end-1 of the model's remote stack as a TransformerStack without its final norm, frozen,
     in eval mode): what a swarm server holds."""
+    config, stack, _ = load_span_fingerprinted(model, start, end)
+    return config, stack
+
+
+def load_span_fingerprinted(model: str | Path, start: int, end: int
+                            ) -> tuple[object, TransformerStack, list[str]]:
+    """`load_span`, and the fingerprints (`block_digest`) of the blocks it loaded, hashed from the tensors loaded."""
     folder = resolve(model)
     config = read_config(folder)
     attr, depth = remote_stack(config)
@@ -94,9 +109,16 @@ def load_span(model: str | Path, start: int, end: int) -> tuple[object, Transfor
         i, rest = name[len(prefix):].split(".", 1)
         return f"blocks.{int(i) - start}.{rest}" if start <= int(i) < end else None
 
-    _materialize(stack, _read(folder, keep), f"{folder / WEIGHTS_NAME} (blocks {start}:{end})")
+    state = _read(folder, keep)
+    digests = []
+    for i in range(start, end):
+        h = block_hasher(config, i)
+        for name in sorted(n for n in state if n.startswith(f"blocks.{i - start}.")):
+            update_digest(h, name.split(".", 2)[2], state[name])
+        digests.append(h.hexdigest()[:DIGEST_CHARS])
+    _materialize(stack, state, f"{folder / WEIGHTS_NAME} (blocks {start}:{end})")
     stack.requires_grad_(False)
-    return config, stack.eval()
+    return config, stack.eval(), digests
 
 
 def client_weights(model: str | Path) -> tuple[object, dict[str, torch.Tensor]]:
@@ -120,16 +142,82 @@ def load_client_parts(config, weights: dict[str, torch.Tensor], make_stand_in, s
     return m.eval()
 
 
+DIGEST_CHARS = 16  # hex characters of a block's fingerprint: 64 bits, against accidents (a liar can copy any value)
+
+
+def config_digest(config) -> bytes:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).digest()
+
+
+def block_hasher(config, index: int):
+    """The hash of block `index` before its tensors: it covers the config too (the same tensors in a model of another
+    config are another computation)."""
+    return hashlib.sha256(b"bytelm-block/1 " + config_digest(config) + str(index).encode())
+
+
+def update_digest(h, name: str, t: torch.Tensor) -> None:
+    """Add one tensor to a digest: its name, dtype, shape and every byte of its values (little-endian, as stored)."""
+    h.update(f"{name} {str(t.dtype).replace('torch.', '')} {list(t.shape)}\n".encode())
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """What a model's swarm is made of: the digest of its weights outside the remote stack and each block's."""
+
+    config: object
+    outside: str
+    blocks: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The default swarm name (see `swarm_name`)."""
+        h = hashlib.sha256(b"bytelm-swarm/2 " + config_digest(self.config) + self.outside.encode())
+        h.update(" ".join(self.blocks).encode())
+        return f"bytelm-{self.config.model_type}-{h.hexdigest()[:16]}"
+
+
+_CACHE: dict[tuple, Fingerprints] = {}
+
+
+def fingerprints(model: str | Path) -> Fingerprints:
+    """The fingerprints of MODEL's weights, read from model.safetensors one tensor at a time (all of its bytes:
+    about a second per GB) and remembered for the rest of the process while the file is unchanged."""
+    folder = resolve(model)
+    config = read_config(folder)
+    attr, depth = remote_stack(config)
+    path = folder / WEIGHTS_NAME
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, json.dumps(config.to_dict(), sort_keys=True))
+    if key in _CACHE:
+        return _CACHE[key]
+    prefix = f"{attr}.blocks."
+    outside = hashlib.sha256(b"bytelm-outside/1")
+    blocks = [block_hasher(config, i) for i in range(depth)]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):  # within one block, sorted full names sort its tensors' names alike
+                if name.startswith(prefix):
+                    i, rest = name[len(prefix):].split(".", 1)
+                    if not i.isdigit() or int(i) >= depth:
+                        raise CheckpointError(f"{path}: {name} is not a tensor of this model's {depth} blocks")
+                    update_digest(blocks[int(i)], rest, f.get_tensor(name))
+                else:
+                    update_digest(outside, name, f.get_tensor(name))
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    out = Fingerprints(config, outside.hexdigest(), tuple(h.hexdigest()[:DIGEST_CHARS] for h in blocks))
+    _CACHE[key] = out
+    return out
+
+
 def swarm_name(model: str | Path) -> str:
-    """The DHT prefix of the swarm serving this model (see `swarm_name_of`)."""
-    return swarm_name_of(*client_weights(model))
-
-
-def swarm_name_of(config, weights: dict[str, torch.Tensor]) -> str:
-    """A digest of the config and of the weights outside the remote stack (cheap to read on servers and clients
-    alike), so that servers of different models never mix."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for name, t in sorted(weights.items()):
-        flat = t.reshape(-1)
-        h.update(name.encode() + flat[:: max(1, flat.numel() // 64)][:64].float().numpy().tobytes())
-    return f"bytelm-{config.model_type}-{h.hexdigest()[:16]}"
+    """The DHT prefix of the swarm serving this model: a digest of its config, of every weight outside the remote
+    stack and of every block's fingerprint, so that servers of different weights never meet under the default name
+    (and when forced under one name, clients still refuse servers whose fingerprints differ from the model's)."""
+    return fingerprints(model).name
