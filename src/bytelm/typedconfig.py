@@ -73,7 +73,7 @@ class TypedConfig:
         types_ = cls.field_types()
         unknown = sorted(set(d) - set(types_))
         if unknown:
-            raise ConfigError(f"unknown {cls.kind()} config field(s): {', '.join(unknown)}; known: "
+            raise ConfigError(f"unknown {cls.kind()} config field(s): {', '.join(map(repr, unknown))}; known: "
                               f"{', '.join(types_)}")
         out = {}
         for k, v in d.items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 from .._version import __version__
@@ -48,6 +49,11 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def one_line(message: str) -> str:
+    """A message as one line: control characters from what the user gave (a path, a field name) escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], message)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         return module.main(argv[1:])
     except BytelmError as e:
-        print(f"bytelm {name}: error: {e}", file=sys.stderr)
+        print(f"bytelm {name}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bytelm {name}: interrupted", file=sys.stderr)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import UsageError
+from ..io import read_json_object
 from .models import ModelArg, load
 from .options import parse
 
@@ -41,7 +43,10 @@ def _run_data_settings(model_path: Path) -> dict[str, Any]:
     """The data settings of the run a model came from, when it came from one (so eval uses the same split)."""
     for candidate in (model_path / "run.json", model_path.parent.parent / "run.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text()).get("train", {})
+            settings = read_json_object(candidate, UsageError).get("train", {})
+            if not isinstance(settings, dict):
+                raise UsageError(f"{candidate}: \"train\" must be a JSON object of the run's settings")
+            return settings
     return {}
 
 

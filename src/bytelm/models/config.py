@@ -82,6 +82,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 def _check_stack(cfg: ModelConfig, prefix: str, dim: int, layers: int, heads: int) -> None:
     cfg._check(layers >= 1, f"{prefix}layers must be >= 1, got {layers}")
+    cfg._check(dim >= 1, f"{prefix}dim must be >= 1, got {dim}")
     cfg._check(heads >= 1 and dim % heads == 0, f"{prefix}dim ({dim}) must be divisible by {prefix}heads ({heads})")
     head_dim = dim // heads
     cfg._check(head_dim % 2 == 0, f"{prefix}dim / {prefix}heads = {head_dim} must be even (rotary rotates pairs)")
