@@ -126,6 +126,10 @@ def test_a_failed_generation_never_leaves_its_partial_output_as_the_answer(model
                    "generation failed after 4 bytes")
 
 
+def test_eval_of_a_nan_model_is_an_error_not_a_score(nan_model_dir, data, capsys):
+    one_line_error(capsys, ["eval", str(nan_model_dir), "--data", str(data)], "(not finite): its weights or outputs")
+
+
 def test_model_generate_and_stream_raise_on_nan_logits(nan_model_dir):
     model = bytelm.load(nan_model_dir)
     for greedy in (0.0, 1.0):

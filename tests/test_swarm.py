@@ -345,13 +345,21 @@ def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
             s.kill()
 
 
-def test_no_server_for_a_span_is_one_clear_error(folder):
+def test_no_server_for_a_span_is_one_clear_error(folder, capsys):
+    from bytelm.cli import main
+
     servers = start(folder, ["0:2"])
     try:
         m = remote_model(str(folder), [servers[0].addr], **CLIENT)
         with pytest.raises(SwarmError, match="no server .* can serve blocks"):
             m.generate(b"x", 4, temperature=0)
         m.swarm.close()
+        # the CLI: exit 2 and one line, never exit 0 with what little was generated
+        assert main(["swarm", "generate", str(folder), "--initial-peers", servers[0].addr, "--prompt", "x",
+                     "--max-bytes", "8", "--request-timeout", "10"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("bytelm swarm: error: generation failed after 0 bytes: no server") \
+            and "can serve blocks" in err, err
     finally:
         servers[0].kill()
 

@@ -192,5 +192,8 @@ def evaluate(model, data, seq_len: int | None = None, mode: str = "chunked", str
             acc += (nats * scored).to(device=acc.device, dtype=torch.float64).sum()
             bar.update(sum(e - f for _, e, f in batch))
     total = float(acc)
+    if not math.isfinite(total):  # a number that looks like a score and is not one
+        raise EvaluationError(f"the model's loss over these {n:,} bytes is {total} (not finite): its weights or "
+                              "outputs are broken (NaN or inf)")
     return EvalResult(bpb=total / (math.log(2) * n), nats=total, bytes=n, mode=mode, seq_len=seq_len, stride=stride,
                       seconds=time.perf_counter() - t0, note=note)
