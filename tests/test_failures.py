@@ -124,6 +124,9 @@ def test_a_failed_generation_never_leaves_its_partial_output_as_the_answer(model
     calls.clear()
     one_line_error(capsys, ["generate", str(model_dir), "--max-bytes", "20", "--prompt", "xy"],
                    "generation failed after 4 bytes")
+    monkeypatch.undo()
+    assert main(["generate", str(model_dir), "--max-bytes", "0", "--out", str(out)]) == 0  # complete, if empty
+    assert out.read_bytes() == b"" and not (tmp_path / "gen.bin.partial").exists()
 
 
 def test_eval_of_a_nan_model_is_an_error_not_a_score(nan_model_dir, data, capsys):
