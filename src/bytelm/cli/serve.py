@@ -77,7 +77,10 @@ def main(argv: list[str]) -> int:
           f"{model.config.max_seq_len} bytes) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it drained on; uvicorn.run() swallows it too
+        pass
     return 0
 
 
