@@ -63,11 +63,18 @@ def other(folder):
 
 def start(folder, spans, *args: str) -> list[Server]:
     """Servers for `spans` (each "I:J"), joined through the first of them, once the DHT shows them all."""
-    first = Server(folder, "--blocks", spans[0], *args).wait()
-    servers = [first, *[Server(folder, "--blocks", s, "--initial-peers", first.addr, *args) for s in spans[1:]]]
-    for s in servers:
-        s.wait()
-    return seen(folder, servers)
+    servers = [Server(folder, "--blocks", spans[0], *args)]
+    try:  # a server that fails to start (or a DHT that never shows them) must not leave the others running
+        first = servers[0].wait()
+        for span in spans[1:]:
+            servers.append(Server(folder, "--blocks", span, "--initial-peers", first.addr, *args))
+        for s in servers:
+            s.wait()
+        return seen(folder, servers)
+    except BaseException:
+        for s in servers:
+            s.kill()
+        raise
 
 
 def seen(folder, servers: list[Server]) -> list[Server]:
