@@ -34,6 +34,7 @@ from .errors import (
     EvaluationError,
     GenerationError,
     HubError,
+    MemoryLimitError,
     UsageError,
 )
 
@@ -67,7 +68,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterError", "ByteLM", "ByteTransformer", "BytelmError", "CheckpointError", "ConfigError", "DataError",
-    "EvaluationError", "GenerationError", "HubError", "Megabyte", "MegabyteConfig", "TrainConfig",
+    "EvaluationError", "GenerationError", "HubError", "Megabyte", "MemoryLimitError", "MegabyteConfig", "TrainConfig",
     "TransformerConfig", "UsageError", "__version__", "build", "evaluate", "generate", "load", "load_adapter",
     "push", "stream", "train",
 ]

@@ -13,6 +13,8 @@ still catches them.
       GenerationError    bad generation arguments: prompt, length, sampling settings
       EvaluationError    bad evaluation arguments: window length, stride, batch size
       UsageError         a command-line request that cannot be carried out (a file that is a folder, ...)
+      MemoryLimitError   a model, batch, cache or adapter that would not fit in the device's memory (estimated before
+                         anything is allocated; BYTELM_MEMORY_LIMIT overrides the check)
 """
 
 
@@ -52,5 +54,10 @@ class UsageError(BytelmError):
     """A command-line request that cannot be carried out as given."""
 
 
+class MemoryLimitError(BytelmError):
+    """A model, batch, decoding state or adapter that would not fit in the memory the device has left, refused before
+    anything is allocated, with the estimate and what is available (bytelm.devices.check_memory)."""
+
+
 __all__ = ["AdapterError", "BytelmError", "CheckpointError", "ConfigError", "DataError", "EvaluationError",
-           "GenerationError", "HubError", "UsageError"]
+           "GenerationError", "HubError", "MemoryLimitError", "UsageError"]
