@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import generation
-from . import persistence
+from . import memory, persistence
 from .config import VOCAB_SIZE
 
 
@@ -67,6 +67,15 @@ class ByteLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def state_nbytes(self, batch: int, max_len: int) -> int:
+        """Bytes `new_state(batch, max_len)` allocates (its KV caches), measured without allocating them."""
+        return memory.state_nbytes(self, batch, max_len)
+
+    def check_state_memory(self, batch: int, max_len: int, hint: str = "") -> None:
+        """Refuse (`MemoryLimitError`, with the estimate) a decoding state the device cannot hold; `new_state` calls
+        this before it allocates. `hint`: what the caller can lower (bytelm serve: --max-streams)."""
+        memory.check_state_memory(self, batch, max_len, hint)
 
     def check_input(self, x: torch.Tensor, min_len: int = 1) -> None:
         """Clear errors for what would otherwise fail deep inside torch (or silently, on CUDA)."""
