@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..devices import check_memory
 from ..models import ByteLM, load_model, read_config
 from ..training import LN2, TrainConfig, Trainer, log_line, train
+from ..training.memory import training_parts
 from ..training.metrics import logged_val
 from .adapters import (
     TARGETS,
@@ -19,6 +21,7 @@ from .adapters import (
     load_adapter_weights,
     read_adapter,
     save_adapter,
+    target_modules,
     weights_fingerprint,
 )
 
@@ -70,6 +73,18 @@ class FinetuneTrainer(Trainer):
     """Trainer whose model is base + LoRA and whose checkpoints hold the adapter; all else is Trainer's."""
 
     cfg: FinetuneConfig
+
+    def memory_parts(self) -> list[tuple[str, int]]:
+        """Trainer's estimate for the base frozen and only its adapters trained (checked before the base is loaded)."""
+        cfg = self.cfg
+        lora = (target_modules(self.model_config, cfg.lora_target), cfg.lora_rank, cfg.lora_dropout)
+        return training_parts(self.model_config, cfg.batch_size, self.seq_len, cfg.optimizer, cfg.precision,
+                              self.device, cfg.activation_checkpointing, self.env.distributed, lora)
+
+    def check_memory(self) -> None:
+        parts = self.memory_parts()
+        check_memory(sum(n for _, n in parts), self.device, "this fine-tune", parts,
+                     "lower --lora-rank or --batch-size (--grad-accum keeps the batch per step)")
 
     def build_model(self) -> ByteLM:
         cfg = self.cfg
