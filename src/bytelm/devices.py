@@ -45,6 +45,8 @@ def parse_size(text: str, what: str = MEMORY_LIMIT_ENV) -> int:
 
 def format_bytes(n: float) -> str:
     """Bytes as a short decimal figure: 331 MB, 21.3 GB, 13.2 TB (three significant digits)."""
+    if n >= 1e18:
+        return f"{float(n):.3g} bytes"
     for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             v = n / size

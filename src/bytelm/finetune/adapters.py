@@ -52,6 +52,7 @@ from ..io import (
     state_problems,
 )
 from ..models import ByteLM, config_from_dict, get_spec, load_model, write_card
+from ..models.config import MAX_SIZE
 
 TARGETS = ("global", "local", "all")
 LoraError = AdapterError  # the name this module's errors had before bytelm.errors
@@ -97,8 +98,8 @@ def apply_lora(model: ByteLM, target: str = "all", rank: int = 8, alpha: float =
     recorded in the adapter's config. `modules_to_save`: modules trained in full and saved with the adapter (peft's
     own mechanism; a swarm fine-tune's embedding, bytelm.swarm.finetune)."""
     peft = _peft()
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise AdapterError(f"lora rank must be an integer >= 1, got {rank!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_SIZE:
+        raise AdapterError(f"lora rank must be an integer in 1..2**31 - 1, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"lora dropout must be in [0, 1), got {dropout}")
     targets = target_modules(model.config, target)
@@ -198,8 +199,8 @@ def attach(base: ByteLM, adapter: str | Path, check_weights: bool = True):
     folder, _, info = read_adapter(adapter)
     check_base(folder, info, base.config, weights_fingerprint(base) if check_weights else None)
     config = peft.LoraConfig.from_pretrained(str(folder))
-    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
-        raise AdapterError(f"{folder / ADAPTER_CONFIG_NAME}: r must be an integer >= 1, got {config.r!r}")
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or not 1 <= config.r <= MAX_SIZE:
+        raise AdapterError(f"{folder / ADAPTER_CONFIG_NAME}: r must be an integer in 1..2**31 - 1, got {config.r!r}")
     check_lora_memory(base, config.target_modules, config.r)
     base.name_or_path = config.base_model_name_or_path  # else peft warns that the recorded name changed
     try:

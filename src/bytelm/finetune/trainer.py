@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from ..devices import check_memory
 from ..models import ByteLM, load_model, read_config
+from ..models.config import MAX_SIZE
 from ..training import LN2, TrainConfig, Trainer, log_line, train
 from ..training.memory import training_parts
 from ..training.metrics import logged_val
@@ -54,7 +55,7 @@ class FinetuneConfig(TrainConfig):
             (not (self.model_type or self.preset or self.model),
              "model_type, preset and model do not apply: the model is the base's"),
             (self.lora_target in TARGETS, f"lora_target must be one of {', '.join(TARGETS)}"),
-            (self.lora_rank >= 1, "lora_rank must be >= 1"),
+            (1 <= self.lora_rank <= MAX_SIZE, "lora_rank must be in 1..2**31 - 1"),
             (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
             *self._schedule_checks(),
         ]
@@ -84,7 +85,7 @@ class FinetuneTrainer(Trainer):
     def check_memory(self) -> None:
         parts = self.memory_parts()
         check_memory(sum(n for _, n in parts), self.device, "this fine-tune", parts,
-                     "lower --lora-rank or --batch-size (--grad-accum keeps the batch per step)")
+                     "lower --lora-rank, or --batch-size (and raise --grad-accum to keep the batch)")
 
     def build_model(self) -> ByteLM:
         cfg = self.cfg

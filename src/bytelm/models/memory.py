@@ -143,13 +143,20 @@ def state_nbytes(model: nn.Module, batch: int, max_len: int) -> int:
         skel = build_skeleton(model.config, model.dtype)
         for name in remote:
             setattr(skel, name, _NoCaches())
-    try:
-        with torch.inference_mode(), torch.device("meta"), _ShapesOnly():
-            state = skel.new_state(batch, max_len)
-    except (RuntimeError, OverflowError) as e:
-        raise ConfigError(f"a decoding state of {batch} x {max_len} bytes is too large to describe "
-                          f"({str(e).splitlines()[0][:200]})") from None
-    return _tensors(state, set())
+    def measure(rows: int) -> int:
+        try:
+            with torch.inference_mode(), torch.device("meta"), _ShapesOnly():
+                return _tensors(skel.new_state(rows, max_len), set())
+        except (RuntimeError, OverflowError) as e:
+            raise ConfigError(f"a decoding state of {rows:,} x {max_len:,} bytes is too large to describe "
+                              f"({str(e).splitlines()[0][:200]})") from None
+
+    # a state grows by the same bytes per row: measured at 1, 2 and 3 rows, not at `batch` (whose per-row host lists
+    # alone could be too large to make)
+    one, two, three = measure(1), measure(2), measure(3)
+    if batch <= 3 or three - two != two - one:
+        return measure(batch)
+    return one + (batch - 1) * (two - one)
 
 
 def check_state_memory(model: nn.Module, batch: int, max_len: int, hint: str = "") -> None:

@@ -109,7 +109,7 @@ class Trainer:
         """Refuse (`MemoryLimitError`, with the estimate) a run whose model, optimizer and batch cannot fit."""
         parts = self.memory_parts()
         check_memory(sum(n for _, n in parts), self.device, "this run", parts,
-                     "lower --batch-size (--grad-accum keeps the batch per step) or the model's size")
+                     "lower --batch-size (and raise --grad-accum to keep the batch) or the model's size")
 
     def build_model(self) -> ByteLM:
         """The model to train, on the CPU: a fresh one of the run's config."""
