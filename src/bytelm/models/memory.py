@@ -86,11 +86,22 @@ def build_skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
 _CACHE: OrderedDict[tuple, nn.Module] = OrderedDict()
 
 
-def skeleton(config, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """`build_skeleton(config, dtype)`, cached (a few configs): shared, so do not change it."""
-    key = (config.model_type, json.dumps(config.to_dict(), sort_keys=True), dtype)
+class _NoCaches(nn.Module):
+    """Stands in for a stack whose caches live elsewhere (a swarm's remote stack): none here."""
+
+    def new_caches(self, *args, **kwargs) -> list:
+        return []
+
+
+def skeleton(config, dtype: torch.dtype = torch.float32, remote: tuple[str, ...] = ()) -> nn.Module:
+    """`build_skeleton(config, dtype)`, cached (a few configs): shared, so do not change it. `remote`: children
+    (stacks) replaced by stand-ins without caches, for a model that runs them elsewhere."""
+    key = (config.model_type, json.dumps(config.to_dict(), sort_keys=True), dtype, remote)
     if key not in _CACHE:
-        _CACHE[key] = build_skeleton(config, dtype)
+        model = build_skeleton(config, dtype)
+        for name in remote:
+            setattr(model, name, _NoCaches())
+        _CACHE[key] = model
         while len(_CACHE) > 8:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
@@ -126,23 +137,14 @@ def _tensors(obj: Any, seen: set[int]) -> int:
     return 0
 
 
-class _NoCaches(nn.Module):
-    """Stands in for a stack whose caches live elsewhere (a swarm's remote stack): none here."""
-
-    def new_caches(self, *args, **kwargs) -> list:
-        return []
-
-
 def state_nbytes(model: nn.Module, batch: int, max_len: int) -> int:
     """Bytes `model.new_state(batch, max_len)` allocates, from the state built on the model's skeleton. A stack the
     model runs elsewhere (bytelm.swarm's remote stack, not a TransformerStack here) holds no caches here."""
     skel = skeleton(model.config, model.dtype)
-    remote = [name for name, child in skel.named_children()
-              if isinstance(child, TransformerStack) and not isinstance(getattr(model, name, None), TransformerStack)]
-    if remote:  # a private skeleton, its remote stacks without caches
-        skel = build_skeleton(model.config, model.dtype)
-        for name in remote:
-            setattr(skel, name, _NoCaches())
+    remote = tuple(name for name, child in skel.named_children() if isinstance(child, TransformerStack)
+                   and not isinstance(getattr(model, name, None), TransformerStack))
+    if remote:  # its remote stacks hold no caches here
+        skel = skeleton(model.config, model.dtype, remote)
     def measure(rows: int) -> int:
         try:
             with torch.inference_mode(), torch.device("meta"), _ShapesOnly():
