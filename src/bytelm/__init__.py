@@ -35,6 +35,7 @@ from .errors import (
     GenerationError,
     GenerationFailed,
     HubError,
+    MemoryLimitError,
     TrainingDiverged,
     UsageError,
 )
@@ -70,6 +71,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "AdapterError", "ByteLM", "ByteTransformer", "BytelmError", "CheckpointError", "ConfigError", "DataError",
     "EvaluationError", "GenerationError", "GenerationFailed", "HubError", "Megabyte", "MegabyteConfig",
-    "TrainConfig", "TrainingDiverged", "TransformerConfig", "UsageError", "__version__", "build", "evaluate",
-    "generate", "load", "load_adapter", "push", "stream", "train",
+    "MemoryLimitError", "TrainConfig", "TrainingDiverged", "TransformerConfig", "UsageError", "__version__", "build",
+    "evaluate", "generate", "load", "load_adapter", "push", "stream", "train",
 ]

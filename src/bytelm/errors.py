@@ -17,6 +17,8 @@ still catches them.
       TrainingDiverged   a training run whose loss, gradients or weights stopped being finite
       EvaluationError    bad evaluation arguments: window length, stride, batch size
       UsageError         a command-line request that cannot be carried out (a file that is a folder, ...)
+      MemoryLimitError   a model, batch, cache or adapter that would not fit in the device's memory (estimated before
+                         anything is allocated; BYTELM_MEMORY_LIMIT overrides the check)
 """
 
 
@@ -64,5 +66,10 @@ class UsageError(BytelmError):
     """A command-line request that cannot be carried out as given."""
 
 
+class MemoryLimitError(BytelmError):
+    """A model, batch, decoding state or adapter that would not fit in the memory the device has left, refused before
+    anything is allocated, with the estimate and what is available (bytelm.devices.check_memory)."""
+
+
 __all__ = ["AdapterError", "BytelmError", "CheckpointError", "ConfigError", "DataError", "EvaluationError",
-           "GenerationError", "GenerationFailed", "HubError", "TrainingDiverged", "UsageError"]
+           "GenerationError", "GenerationFailed", "HubError", "MemoryLimitError", "TrainingDiverged", "UsageError"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
+from ..devices import check_memory
 from ..errors import AdapterError, CheckpointError, ConfigError
 from ..hub import is_hub_id, resolve
 from ..io import (
@@ -50,6 +52,7 @@ from ..io import (
     state_problems,
 )
 from ..models import ByteLM, config_from_dict, get_spec, load_model, write_card
+from ..models.config import MAX_SIZE
 
 TARGETS = ("global", "local", "all")
 LoraError = AdapterError  # the name this module's errors had before bytelm.errors
@@ -74,6 +77,20 @@ def target_modules(model_config, target: str) -> str:
     return spec.lora_targets[target]
 
 
+def check_lora_memory(model: ByteLM, target_modules: str | list[str], rank: int) -> None:
+    """Refuse (`MemoryLimitError`, with the estimate) adapters of `rank` on the Linear layers peft's `target_modules`
+    names (a regex matching whole names, or a list of name suffixes) that the model's device cannot hold, before
+    peft allocates them: rank x (in + out) values per layer."""
+    if isinstance(target_modules, str):
+        hit = lambda name: re.fullmatch(target_modules, name) is not None
+    else:
+        hit = lambda name: any(name == t or name.endswith(f".{t}") for t in target_modules or ())
+    numel = sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and hit(name))
+    check_memory(numel * model.dtype.itemsize, model.device, f"LoRA adapters of rank {rank:,}",
+                 [], "lower the rank (--lora-rank)")
+
+
 def apply_lora(model: ByteLM, target: str = "all", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                base: str | None = None, modules_to_save: list[str] | None = None):
     """Fresh LoRA adapters on the Linear layers of `target`, all else frozen: a peft PeftModel around `model`, which
@@ -81,12 +98,14 @@ def apply_lora(model: ByteLM, target: str = "all", rank: int = 8, alpha: float =
     recorded in the adapter's config. `modules_to_save`: modules trained in full and saved with the adapter (peft's
     own mechanism; a swarm fine-tune's embedding, bytelm.swarm.finetune)."""
     peft = _peft()
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise AdapterError(f"lora rank must be an integer >= 1, got {rank!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_SIZE:
+        raise AdapterError(f"lora rank must be an integer in 1..2**31 - 1, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"lora dropout must be in [0, 1), got {dropout}")
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                             target_modules=target_modules(model.config, target), modules_to_save=modules_to_save)
+    targets = target_modules(model.config, target)
+    check_lora_memory(model, targets, rank)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             modules_to_save=modules_to_save)
     if base is not None:
         model.name_or_path = base  # what peft records as the adapter's base_model_name_or_path
     return peft.get_peft_model(model, config)
@@ -180,6 +199,9 @@ def attach(base: ByteLM, adapter: str | Path, check_weights: bool = True):
     folder, _, info = read_adapter(adapter)
     check_base(folder, info, base.config, weights_fingerprint(base) if check_weights else None)
     config = peft.LoraConfig.from_pretrained(str(folder))
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or not 1 <= config.r <= MAX_SIZE:
+        raise AdapterError(f"{folder / ADAPTER_CONFIG_NAME}: r must be an integer in 1..2**31 - 1, got {config.r!r}")
+    check_lora_memory(base, config.target_modules, config.r)
     base.name_or_path = config.base_model_name_or_path  # else peft warns that the recorded name changed
     try:
         peft_model = peft.get_peft_model(base, config)
@@ -230,5 +252,6 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, 
     return model.save_pretrained(out, name=Path(out).resolve().name, base_model=ref, **card)
 
 
-__all__ = ["TARGETS", "LoraError", "apply_lora", "attach", "base_reference", "check_base", "load_adapter",
-           "load_adapter_weights", "merge", "read_adapter", "save_adapter", "target_modules", "weights_fingerprint"]
+__all__ = ["TARGETS", "LoraError", "apply_lora", "attach", "base_reference", "check_base", "check_lora_memory",
+           "load_adapter", "load_adapter_weights", "merge", "read_adapter", "save_adapter", "target_modules",
+           "weights_fingerprint"]

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..devices import check_memory
 from ..models import ByteLM, load_model, read_config
+from ..models.config import MAX_SIZE
 from ..training import LN2, TrainConfig, Trainer, log_line, train
+from ..training.memory import training_parts
 from ..training.metrics import logged_val
 from .adapters import (
     TARGETS,
@@ -19,6 +22,7 @@ from .adapters import (
     load_adapter_weights,
     read_adapter,
     save_adapter,
+    target_modules,
     weights_fingerprint,
 )
 
@@ -51,7 +55,7 @@ class FinetuneConfig(TrainConfig):
             (not (self.model_type or self.preset or self.model),
              "model_type, preset and model do not apply: the model is the base's"),
             (self.lora_target in TARGETS, f"lora_target must be one of {', '.join(TARGETS)}"),
-            (self.lora_rank >= 1, "lora_rank must be >= 1"),
+            (1 <= self.lora_rank <= MAX_SIZE, "lora_rank must be in 1..2**31 - 1"),
             (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
             (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
             *self._schedule_checks(),
@@ -71,6 +75,18 @@ class FinetuneTrainer(Trainer):
     """Trainer whose model is base + LoRA and whose checkpoints hold the adapter; all else is Trainer's."""
 
     cfg: FinetuneConfig
+
+    def memory_parts(self) -> list[tuple[str, int]]:
+        """Trainer's estimate for the base frozen and only its adapters trained (checked before the base is loaded)."""
+        cfg = self.cfg
+        lora = (target_modules(self.model_config, cfg.lora_target), cfg.lora_rank, cfg.lora_dropout)
+        return training_parts(self.model_config, cfg.batch_size, self.seq_len, cfg.optimizer, cfg.precision,
+                              self.device, cfg.activation_checkpointing, self.env.distributed, lora)
+
+    def check_memory(self) -> None:
+        parts = self.memory_parts()
+        check_memory(sum(n for _, n in parts), self.device, "this fine-tune", parts,
+                     "lower --lora-rank, or --batch-size (and raise --grad-accum to keep the batch)")
 
     def build_model(self) -> ByteLM:
         cfg = self.cfg

@@ -116,6 +116,9 @@ class Engine:
         self.prefill_budget = prefill_budget  # prompt bytes prefilled per step (at least one prompt): keeps a long
         # prompt from stalling every running stream for many prompts' worth of time
         self.max_len = model.config.max_seq_len
+        check = getattr(model, "check_state_memory", None)  # a ByteLM's: refuse a state the device cannot hold
+        if check is not None:
+            check(max_streams, self.max_len, hint="lower max_streams (bytelm serve: --max-streams)")
         with torch.inference_mode():
             self.state = model.new_state(max_streams, self.max_len)
         self.free = list(range(max_streams - 1, -1, -1))

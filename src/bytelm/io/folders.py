@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
@@ -132,6 +133,32 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' names, bytes
+
+
+def read_weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, safetensors dtype name: F32, BF16, I64, BOOL, ...) of every tensor in a safetensors file, from
+    its header alone (nothing is loaded), or a `CheckpointError` naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def header_problems(expected: dict[str, torch.Tensor], header: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """`state_problems` of a safetensors header (read_weights_header) against `expected`, and every tensor that is
+    not floating point (integer or bool weights would be silently cast), as short phrases (empty: it fits)."""
+    shapes = {k: SimpleNamespace(shape=torch.Size(shape)) for k, (shape, _) in header.items()}  # shapes only
+    problems = state_problems(expected, shapes)
+    bad = [f"{k} ({dtype})" for k, (_, dtype) in sorted(header.items()) if dtype not in FLOAT_DTYPES]
+    if bad:
+        problems.append(f"weights that are not floating point: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}")
+    return problems
 
 
 def state_problems(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:

@@ -21,17 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import generation
-from . import persistence
+from . import memory, persistence
 from .config import VOCAB_SIZE
-
-
-def byte_loss(logits: torch.Tensor, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy in nats of logits (B, T, 256) against the bytes x (B, T) they predict: every byte counts."""
-    return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE).float(), x.reshape(-1).long(), reduction=reduction)
+from .loss import byte_loss
 
 
 class ByteLM(nn.Module):
@@ -67,6 +62,15 @@ class ByteLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def state_nbytes(self, batch: int, max_len: int) -> int:
+        """Bytes `new_state(batch, max_len)` allocates (its KV caches), measured without allocating them."""
+        return memory.state_nbytes(self, batch, max_len)
+
+    def check_state_memory(self, batch: int, max_len: int, hint: str = "") -> None:
+        """Refuse (`MemoryLimitError`, with the estimate) a decoding state the device cannot hold; `new_state` calls
+        this before it allocates. `hint`: what the caller can lower (bytelm serve: --max-streams)."""
+        memory.check_state_memory(self, batch, max_len, hint)
 
     def check_input(self, x: torch.Tensor, min_len: int = 1) -> None:
         """Clear errors for what would otherwise fail deep inside torch (or silently, on CUDA)."""

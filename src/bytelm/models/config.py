@@ -20,6 +20,7 @@ from ..nn.init import INIT_SCHEMES
 from ..typedconfig import TypedConfig
 
 VOCAB_SIZE = 256  # every byte value, 0 included; there are no special tokens
+MAX_SIZE = 2**31 - 1  # the most any size of a config may be (a width, a depth, a length): beyond it no model is built
 POS_EMB_CHOICES = ("rope", "learned")
 
 
@@ -31,6 +32,8 @@ class ModelConfig(TypedConfig):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # field -> (the version that added it, its value for a config.json written before then: the design it had)
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {}
+    # fields a saved config.json may lack, taking their defaults: those that do not matter to a loaded model
+    optional_when_loading: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def kind(cls) -> str:
@@ -44,7 +47,10 @@ class ModelConfig(TypedConfig):
         return cls.from_dict({**cls.presets[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]):
+    def from_dict(cls, d: dict[str, Any], saved: bool = False):
+        """The config a dict describes. A preset's or `--model`'s dict may name some fields only (the rest take their
+        defaults); a `saved` one (a config.json) must name every field, but those it predates (`added_fields`, by the
+        `bytelm_version` that wrote it) and those that do not matter to a loaded model (`optional_when_loading`)."""
         if not isinstance(d, dict):
             raise ConfigError(f"a {cls.model_type} config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
@@ -56,6 +62,12 @@ class ModelConfig(TypedConfig):
             for name, (added_in, value) in cls.added_fields.items():
                 if name not in d and _version_tuple(written_by) < _version_tuple(added_in):
                     d[name] = value
+        if saved:
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in d
+                       and f.name not in cls.optional_when_loading]
+            if missing:
+                raise ConfigError(f"{cls.model_type} config lacks field(s) {', '.join(missing)}: a saved config names "
+                                  "every field of the model it describes (bytelm writes them all)")
         return cls(**cls.checked_fields(d))
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,12 +80,15 @@ class ModelConfig(TypedConfig):
     def _check_common(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            self._check(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be finite, got {v}")
-        self._check(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+            if isinstance(v, float):
+                self._check(math.isfinite(v), f"{f.name} must be finite, got {v}")
+            elif isinstance(v, int) and not isinstance(v, bool):  # past any model that can be built (that would
+                self._check(v <= MAX_SIZE, f"{f.name} must be at most 2**31 - 1, got {v}")  # overflow an estimate)
         self._check(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
         self._check(self.pos_emb in POS_EMB_CHOICES, f"pos_emb must be one of {POS_EMB_CHOICES}, got {self.pos_emb!r}")
         self._check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         self._check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        self._check(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -85,6 +100,8 @@ def _check_stack(cfg: ModelConfig, prefix: str, dim: int, layers: int, heads: in
     cfg._check(dim >= 1, f"{prefix}dim must be >= 1, got {dim}")
     cfg._check(heads >= 1 and dim % heads == 0, f"{prefix}dim ({dim}) must be divisible by {prefix}heads ({heads})")
     head_dim = dim // heads
+    hidden = int(cfg.mlp_ratio * dim)
+    cfg._check(hidden <= MAX_SIZE, f"{prefix}dim * mlp_ratio = {hidden} (the MLP's width) must be at most 2**31 - 1")
     cfg._check(head_dim % 2 == 0, f"{prefix}dim / {prefix}heads = {head_dim} must be even (rotary rotates pairs)")
 
 
@@ -123,6 +140,7 @@ class MegabyteConfig(ModelConfig):
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
                                                           "local_norms": ("0.2.0", False),
                                                           "context_global": ("0.2.0", False)}
+    optional_when_loading: ClassVar[tuple[str, ...]] = ("init",)
 
     def __post_init__(self) -> None:
         self._check_common()

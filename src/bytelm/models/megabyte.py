@@ -183,6 +183,7 @@ class Megabyte(ByteLM):
     # --- incremental decoding: global model once per patch, local model once per byte ----------------------------
     def new_state(self, batch: int, max_len: int) -> MegabyteState:
         c, dev, dt = self.config, self.device, self.dtype
+        self.check_state_memory(batch, max_len)
         return MegabyteState(
             global_kv=self.global_model.new_caches(batch, -(-max_len // c.patch_size), dev, dt),
             local_kv=self.local_model.new_caches(batch, self.window, dev, dt),

@@ -4,15 +4,25 @@ extra or misshapen weight is an error naming it, never silently skipped)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from ..devices import resolve_device
+from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..hub import resolve, write_model_card
-from ..io import WEIGHTS_NAME, load_state_strict, read_model_config, read_weights, write_model_files
-from . import registry
+from ..io import (
+    FLOAT_DTYPES,
+    WEIGHTS_NAME,
+    header_problems,
+    load_state_strict,
+    read_model_config,
+    read_weights,
+    read_weights_header,
+    write_model_files,
+)
+from . import memory, registry
 
 
 def write_card(folder: str | Path, config, num_params: int, **card) -> Path:
@@ -38,14 +48,38 @@ def save_model(model: torch.nn.Module, path: str | Path, **card) -> Path:
 
 
 def read_config(path: str | Path, revision: str | None = None):
-    """The model config of a model folder, run folder or hub id, without loading weights."""
+    """The model config of a model folder, run folder or hub id, without loading weights: every field named (but
+    those it predates or that do not matter to a loaded model; see ModelConfig.from_dict), every value checked."""
     folder = resolve(path, revision)
     cfg_file = folder / "config.json"
     d = read_model_config(folder)
     try:
-        return registry.config_from_dict(d)
+        return registry.config_from_dict(d, saved=True)
     except ConfigError as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def check_weights(folder: Path, config, device: torch.device | None = None) -> None:
+    """Before a model folder's model is built: every tensor of its model.safetensors (read from the header alone)
+    has the name, shape and a floating-point dtype the config's model expects (`CheckpointError` naming those that do
+    not), and the weights fit in memory: on the CPU, the file's tensors and the model at once (loading holds both);
+    on another `device`, the model (`MemoryLimitError` with the estimate)."""
+    path = folder / WEIGHTS_NAME
+    header = read_weights_header(path)
+    try:
+        skel = memory.skeleton(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    problems = header_problems(skel.state_dict(), header)
+    if problems:
+        raise CheckpointError(f"{path} does not match the model in its config: " + " | ".join(problems))
+    model = memory.module_nbytes(skel)
+    file = sum(math.prod(shape) * FLOAT_DTYPES[dtype] for shape, dtype in header.values())
+    hint = "load it on a machine with more memory, or check the sizes in its config.json"
+    what = f"loading {folder}"
+    check_memory(file + model, "cpu", what, [(WEIGHTS_NAME, file), ("the model", model)], hint)
+    if device is not None and device.type != "cpu":
+        check_memory(model, device, f"{what} onto {device}", [("the model", model)], hint)
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None, expect: type | None = None,
@@ -58,9 +92,11 @@ def load_model(path: str | Path, device: str | torch.device | None = None, expec
     if expect is not None and not issubclass(cls, expect):
         raise CheckpointError(f"{folder} holds a {config.model_type!r} model ({cls.__name__}), not a "
                               f"{expect.__name__}; use bytelm.load() to load whatever a folder holds")
+    device = resolve_device(device) if device is not None else None
+    check_weights(folder, config, device)
     state = read_weights(folder / WEIGHTS_NAME)
     model = cls(config)
     load_state_strict(model, state, str(folder / WEIGHTS_NAME))
     if device is not None:
-        model.to(resolve_device(device))
+        model.to(device)
     return model.eval()

@@ -58,6 +58,7 @@ class ByteTransformer(ByteLM):
         return self.lm_head(self.transformer(h))  # (B, T, 256)
 
     def new_state(self, batch: int, max_len: int) -> TransformerState:
+        self.check_state_memory(batch, max_len)
         return TransformerState(self.transformer.new_caches(batch, max_len, self.device, self.dtype), [0] * batch)
 
     def prefill(self, x: torch.Tensor, s: TransformerState, rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,10 @@ import torch
 
 def rope_tables(max_pos: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary tables over the full head width, each (max_pos, head_dim), float32:
-    cos = [cos, cos] and sin = [-sin, sin] of the angles, so that `apply_rope` is two multiplies and an add."""
+    cos = [cos, cos] and sin = [-sin, sin] of the angles, so that `apply_rope` is two multiplies and an add.
+    Under `torch.device("meta")` (a model built for its shapes only) they are shapes only: no values to compute."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(max_pos, head_dim), torch.empty(max_pos, head_dim)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)  # (max_pos, head_dim // 2)
     cos, sin = angles.cos(), angles.sin()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .._version import __version__
 from ..data import WindowSampler, load_split
-from ..devices import resolve_device
+from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from ..io import atomic_write_text, checkpoint_steps, latest_checkpoint
 from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
@@ -38,6 +38,7 @@ from ..nn import Block
 from . import metrics
 from .checkpointing import check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
 from .config import TrainConfig
+from .memory import training_parts
 from .optim import make_optimizer, optimizer_state, optimizer_tensors, state_shape_problems
 from .parallel import ParallelEnv, no_sync, wrap_model
 from .precision import autocast_for
@@ -69,6 +70,7 @@ class Trainer:
         if self.seq_len > self.model_config.max_seq_len:
             raise ConfigError(f"seq_len {self.seq_len} exceeds the model's max_seq_len "
                               f"{self.model_config.max_seq_len}; raise it with --model max_seq_len=N")
+        self.check_memory()  # before the data is read and the model built: refuse what the device cannot hold
         self.train_data, self.val_data, self.split_info = load_split(cfg.data or None, cfg.val_fraction, cfg.separator)
         self.sampler = WindowSampler(self.train_data, self.seq_len, cfg.batch_size, cfg.seed, self.rank, self.world)
         WindowSampler(self.val_data, self.seq_len, 1, 0)  # fail now, with a clear message, if val is too short
@@ -107,6 +109,18 @@ class Trainer:
         return self.env.distributed
 
     # what a fine-tune changes (bytelm.finetune.FinetuneTrainer) ------------------------------------------------
+    def memory_parts(self) -> list[tuple[str, int]]:
+        """(label, bytes) of what a training step holds at its peak (bytelm.training.memory)."""
+        cfg = self.cfg
+        return training_parts(self.model_config, cfg.batch_size, self.seq_len, cfg.optimizer, cfg.precision,
+                              self.device, cfg.activation_checkpointing, self.env.distributed)
+
+    def check_memory(self) -> None:
+        """Refuse (`MemoryLimitError`, with the estimate) a run whose model, optimizer and batch cannot fit."""
+        parts = self.memory_parts()
+        check_memory(sum(n for _, n in parts), self.device, "this run", parts,
+                     "lower --batch-size (and raise --grad-accum to keep the batch) or the model's size")
+
     def build_model(self) -> ByteLM:
         """The model to train, on the CPU: a fresh one of the run's config."""
         return build(self.model_config)
