@@ -244,3 +244,29 @@ def test_resume_with_other_parameter_groups_is_one_clear_error(tmp_path, code_di
     with pytest.raises(CheckpointError, match="optimizer state does not fit .* --optimizer"):
         Trainer(tiny_cfg(tmp_path, code_dir, local_lr_scale=1.0, optimizer="adamw"), resume=True,
                 log=lambda *_: None)  # a Muon + AdamW state, read by AdamW alone
+
+
+def test_muon_newton_schulz_in_fp32_matches_torchs_bf16():
+    # CPUs without bf16 matrix instructions run Muon's orthogonalisation in fp32 (Fp32Muon): the same iteration
+    import torch.optim._muon as muon_module
+
+    from bytelm.training.optim import Fp32Muon, newton_schulz_fp32
+
+    torch.manual_seed(0)
+    coeffs = torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))]).defaults["ns_coefficients"]
+    for shape in ((64, 256), (256, 64)):
+        g = torch.randn(shape)
+        ref = muon_module._zeropower_via_newtonschulz(g, coeffs, 5, 1e-7).float()
+        got = newton_schulz_fp32(g, coeffs, 5, 1e-7)
+        assert got.dtype == torch.float32 and got.shape == g.shape
+        assert (got - ref).norm() / ref.norm() < 0.02  # bf16 rounding
+    torch_fn = muon_module._zeropower_via_newtonschulz
+    start = torch.randn(32, 48)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    for p in (a, b):
+        p.grad = torch.randn(32, 48, generator=torch.Generator().manual_seed(1))
+    torch.optim.Muon([a], lr=0.1, adjust_lr_fn="match_rms_adamw").step()
+    Fp32Muon([b], lr=0.1, adjust_lr_fn="match_rms_adamw").step()
+    ua, ub = a.detach() - start, b.detach() - start
+    assert (ua - ub).norm() / ua.norm() < 0.02 and not torch.equal(ua, ub)  # the same update, to bf16 rounding
+    assert muon_module._zeropower_via_newtonschulz is torch_fn  # restored after the step
