@@ -371,6 +371,37 @@ def test_no_server_for_a_span_is_one_clear_error(folder, capsys):
         servers[0].kill()
 
 
+def test_the_last_server_of_a_span_dying_mid_generation_fails_loudly(folder):
+    # the real CLI as a process; its only server for the span is killed once output flows: exit 2 and one line
+    # saying how far it got, never exit 0 with a truncated answer
+    import subprocess
+
+    servers = start(folder, ["0:4"])
+    proc = subprocess.Popen([sys.executable, "-m", "bytelm.cli", "swarm", "generate", str(folder), "--initial-peers",
+                             servers[0].addr, "--max-bytes", "1800", "--temperature", "0", "--no-echo",
+                             "--request-timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        got = b""
+        while len(got) < 100:
+            chunk = proc.stdout.read1(4096)
+            assert chunk, proc.stderr.read().decode()
+            got += chunk
+        servers[0].kill()
+        rest, err = proc.communicate(timeout=180)
+        last = err.decode().strip().splitlines()[-1]
+        assert proc.returncode == 2, err.decode()
+        n = int(re.search(r"generation failed after (\d+) bytes", last)[1])
+        assert last.startswith("bytelm swarm: error: ") and "the output above is incomplete" in last
+        assert 0 < n < 1800  # (stdout holds more: the random model's bytes that are not UTF-8 print as U+FFFD)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for s in servers:
+            s.kill()
+
+
 def test_status_lists_the_servers_and_the_gaps(folder, swarm, capsys):
     from bytelm.cli import main
 
