@@ -397,3 +397,14 @@ def test_merge_refuses_to_overwrite_a_folder(model_dir, tmp_path, capsys):
     assert (target / "model.safetensors").read_bytes() == before
     assert main(["merge", str(adapter), "--out", str(target), "--force"]) == 0
     assert (target / "model.safetensors").read_bytes() != before
+
+
+def test_an_eval_batch_that_cannot_fit_is_refused_before_it_runs(model_dir, data, capsys, monkeypatch):
+    # the logits of a batch of 64 windows x 64 bytes (8.4 MB, a floor of what it holds) against the memory available,
+    # here set to 5 MB (the model itself needs 1.2 MB to load)
+    monkeypatch.setenv("BYTELM_MEMORY_LIMIT", "5MB")
+    out, _ = one_line_error(capsys, ["eval", str(model_dir), "--data", str(data), "--batch-size", "64"],
+                            "this evaluation needs about")
+    assert "bits per byte" not in out
+    monkeypatch.setenv("BYTELM_MEMORY_LIMIT", "1GB")
+    assert main(["eval", str(model_dir), "--data", str(data), "--batch-size", "64"]) == 0

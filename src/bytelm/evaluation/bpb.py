@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import ByteDataset
+from ..devices import check_memory
 from ..errors import EvaluationError
 from ..models.config import VOCAB_SIZE
 
@@ -173,6 +174,12 @@ def evaluate(model, data, seq_len: int | None = None, mode: str = "chunked", str
     strided = mode == "strided"
 
     device = model.device
+    # a floor of what a batch holds at once: its logits and their log-softmax in fp32 (the activations come and go
+    # layer by layer); the batch is at most the number of windows
+    rows = min(batch_size, -(-max(n - seq_len, 0) // stride) + 1)
+    logits = 2 * rows * seq_len * VOCAB_SIZE * 4
+    check_memory(logits, device, "this evaluation", [(f"logits of {rows:,} windows x {seq_len:,} bytes {{}}", logits)],
+                 "lower --batch-size")
     # float64 accumulation; MPS has no float64, so accumulate on the CPU there
     acc = torch.zeros((), dtype=torch.float64, device="cpu" if device.type == "mps" else device)
     t0 = time.perf_counter()
