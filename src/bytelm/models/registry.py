@@ -59,7 +59,7 @@ def config_from_dict(d: dict[str, Any], saved: bool = False):
     """Rebuild the right config class from a `config.json` dict (dispatch on `model_type`); `saved`: a config.json,
     which must name every field (see ModelConfig.from_dict)."""
     mt = d.get("model_type") if isinstance(d, dict) else None
-    if mt not in _SPECS:
+    if not isinstance(mt, str) or mt not in _SPECS:
         raise ConfigError(f"config.json has model_type {mt!r}; bytelm knows {', '.join(map(repr, _SPECS))}")
     return _SPECS[mt].config_class.from_dict(d, saved=saved)
 
