@@ -261,10 +261,8 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-step
             total += self._micro_step(x, sync)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # the gradient norm, clipped to grad_clip (0: only measured, for the check below)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         # the norm is of the all-reduced gradients, the same on every rank; rank 0 decides for all
         if self.env.agree(not (math.isfinite(total) and math.isfinite(norm))):
             self._skip_bad_step(total, float(norm))
@@ -282,9 +280,9 @@ class Trainer:
         in a row, or weights that are themselves broken, stop the run: skipping more would only burn time."""
         self.bad_steps += 1
         what = f"step {self.step + 1}: loss {loss:.4g}, gradient norm {norm:.4g}"
-        if self.bad_steps > self.cfg.max_bad_steps or not self.weights_finite():
-            why = "the weights are no longer finite" if not self.weights_finite() else \
-                f"{self.bad_steps} steps in a row were not finite"
+        broken = not self.weights_finite()
+        if broken or self.bad_steps > self.cfg.max_bad_steps:
+            why = "the weights are no longer finite" if broken else f"{self.bad_steps} steps in a row were not finite"
             raise TrainingDiverged(f"training diverged at {what}: {why}; stopped without saving. "
                                    f"{self.kept_checkpoint()} Try a lower --lr (it is {self.cfg.lr:g}).")
         self.log(f"warning: {what}: not finite, update skipped ({self.bad_steps} of at most "
