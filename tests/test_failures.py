@@ -408,3 +408,16 @@ def test_an_eval_batch_that_cannot_fit_is_refused_before_it_runs(model_dir, data
     assert "bits per byte" not in out
     monkeypatch.setenv("BYTELM_MEMORY_LIMIT", "1GB")
     assert main(["eval", str(model_dir), "--data", str(data), "--batch-size", "64"]) == 0
+
+
+def test_a_config_json_of_absurd_depth_is_refused_at_once(model_dir, tmp_path, capsys):
+    # found by the property test: 100,000 layers took 80 s to build as a skeleton before the weights were compared
+    import time
+
+    folder = tmp_path / "deep"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "global_layers": 105_033}))
+    t0 = time.perf_counter()
+    one_line_error(capsys, ["generate", str(folder), "--max-bytes", "2"], "global_layers must be in 1..1024")
+    assert time.perf_counter() - t0 < 10

@@ -21,6 +21,9 @@ from ..typedconfig import TypedConfig
 
 VOCAB_SIZE = 256  # every byte value, 0 included; there are no special tokens
 MAX_SIZE = 2**31 - 1  # the most any size of a config may be (a width, a depth, a length): beyond it no model is built
+# a depth past any trained transformer's (hundreds of layers): every layer is Python modules, so a config.json of
+# 100,000 layers took 80 s to build even on the meta device, before its weights could be checked against it
+MAX_LAYERS = 1024
 POS_EMB_CHOICES = ("rope", "learned")
 
 
@@ -96,7 +99,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def _check_stack(cfg: ModelConfig, prefix: str, dim: int, layers: int, heads: int) -> None:
-    cfg._check(layers >= 1, f"{prefix}layers must be >= 1, got {layers}")
+    cfg._check(1 <= layers <= MAX_LAYERS, f"{prefix}layers must be in 1..{MAX_LAYERS}, got {layers}")
     cfg._check(dim >= 1, f"{prefix}dim must be >= 1, got {dim}")
     cfg._check(heads >= 1 and dim % heads == 0, f"{prefix}dim ({dim}) must be divisible by {prefix}heads ({heads})")
     head_dim = dim // heads
