@@ -402,6 +402,26 @@ def test_the_last_server_of_a_span_dying_mid_generation_fails_loudly(folder):
             s.kill()
 
 
+def test_two_servers_that_disagree_and_no_third_fail_the_generation_loudly(folder, capsys):
+    # --verify-fraction 1 with one honest server and one liar for the span: nobody can say which is right, so the
+    # generation stops with exit 2 and one line, never exit 0 with bytes that may be the liar's
+    from bytelm.cli import main
+
+    honest = Server(folder, "--blocks", "0:4", "--throughput", "10").wait()
+    liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest.addr, "--throughput", "1000000",
+                  liar=True).wait()
+    try:
+        seen(folder, [honest, liar])
+        assert main(["swarm", "generate", str(folder), "--initial-peers", honest.addr, "--prompt", "x",
+                     "--max-bytes", "40", "--temperature", "0", "--verify-fraction", "1",
+                     "--request-timeout", "10"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("bytelm swarm: error: generation failed after ") and "disagree" in last, last
+    finally:
+        for s in (honest, liar):
+            s.kill()
+
+
 def test_status_lists_the_servers_and_the_gaps(folder, swarm, capsys):
     from bytelm.cli import main
 
