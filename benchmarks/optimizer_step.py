@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from bytelm.training.config import TrainConfig
 from bytelm.training.optim import Fp32Muon, make_optimizer
 from bytelm.training.precision import cpu_has_native_bf16
 
-from .common import median, timed, write
+from .common import RESULTS, median, timed, write
 
 
 def optimizers(model: torch.nn.Module) -> dict[str, object]:
@@ -46,6 +47,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the .json and .md")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -79,7 +81,7 @@ def main(argv=None) -> dict:
     payload = {"preset": args.preset, "batch": args.batch, "native_bf16": cpu_has_native_bf16(),
                "seconds": times, "median_seconds": med, "speedup_fp32_over_bf16": torch_muon / ours,
                "measured_at": time.strftime("%Y-%m-%d")}
-    write(f"optimizer_step_{args.preset}", payload, md)
+    write(f"optimizer_step_{args.preset}", payload, md, args.out)
     print(md)
     return payload
 

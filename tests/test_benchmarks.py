@@ -127,3 +127,11 @@ def test_design_experiments_are_causal_and_tabulate():
     assert design.causal_check("prefix4+sepnorm", T=24) and design.causal_check("offset", T=24)
     md = design.table()  # from the committed raw rows
     assert "| ours |" in md and "| peer |" in md
+
+
+def test_optimizer_step_benchmark_runs(tmp_path):
+    from benchmarks import optimizer_step
+
+    payload = optimizer_step.main(["--preset", "tiny", "--batch", "1", "--repeats", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "optimizer_step_tiny.md").is_file() and payload["speedup_fp32_over_bf16"] > 0
+    assert all(len(v) == 1 and v[0] > 0 for v in payload["seconds"].values())
