@@ -6,6 +6,7 @@ import codecs
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +100,15 @@ def emit(model, args: GenerateArgs, prompt: bytes) -> int:
         if out.finish_reason is not None:
             write(decoder.decode(b"", final=True) + "\n")
             sys.stdout.flush()
-            _check_finish(out, "the output above is incomplete")
+            _check_finish(out, lambda: "the output above is incomplete")
     return 0
 
 
-def _check_finish(out, kept: str) -> None:
+def _check_finish(out, kept: Callable[[], str]) -> None:
+    """A `GenerationFailed` for an output that did not finish well; `kept()` says what is left (asked only then)."""
     if out.finish_reason not in ("stop", "length"):
         why = out.error or f"the request was {out.finish_reason}"
-        raise GenerationFailed(f"generation failed after {out.generated} bytes: {why}; {kept}")
+        raise GenerationFailed(f"generation failed after {out.generated} bytes: {why}; {kept()}")
 
 
 def _to_file(outputs, out: Path) -> int:
@@ -129,8 +131,7 @@ def _to_file(outputs, out: Path) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: {_kept(target, n, direct)}", file=sys.stderr)
         raise
-    if last.finish_reason not in ("stop", "length"):
-        _check_finish(last, _kept(target, n, direct))
+    _check_finish(last, lambda: _kept(target, n, direct))
     if not direct:
         os.replace(target, out)
     print(f"wrote {n} bytes to {out}", file=sys.stderr)

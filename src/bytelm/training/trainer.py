@@ -89,8 +89,8 @@ class Trainer:
         elif latest_checkpoint(self.out) is not None:
             raise CheckpointError(f"{self.out} already holds a run; pass --resume to continue it, or choose "
                                   "another --out-dir")
-        elif checkpoint_steps(self.out / "checkpoints"):  # not ours to prune, nor to mix with a new run's
-            found = ", ".join(p.name for p in checkpoint_steps(self.out / "checkpoints").values())
+        elif stray := checkpoint_steps(self.out / "checkpoints"):  # not ours to prune, nor to mix with a new run's
+            found = ", ".join(p.name for p in stray.values())
             raise CheckpointError(f"{self.out}/checkpoints holds {found} but no `latest`: write the name of the one "
                                   "to continue from into checkpoints/latest and pass --resume, or choose another "
                                   "--out-dir")
