@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from . import audio, images
 from .dataset import ByteDataset, check_separator, read_file_bytes
+from .media import MODALITIES, AudioFormat, ImageFormat, Media, kind_of, parse_image_size
 
 _EXCLUDED_STDLIB_DIRS = ("site-packages", "dist-packages")
 
@@ -83,18 +85,120 @@ def _tail_split(path: Path, val_fraction: float, separator: int | None) -> tuple
     return train, val, text
 
 
-def load_split(paths: Sequence[str | Path] | None, val_fraction: float = 0.05,
-               separator: int | None = None) -> tuple[ByteDataset, ByteDataset, str]:
+def _kinds(files: list[tuple[Path, str]]) -> str:
+    """The one kind (image, audio, bytes) all files are by extension; a mix is a DataError saying what it holds."""
+    by_kind: dict[str, list[str]] = {}
+    for f, key in files:
+        by_kind.setdefault(kind_of(f), []).append(key)
+    if len(by_kind) == 1:
+        return next(iter(by_kind))
+    mix = "; ".join(f"{len(keys):,} {kind} file{'s' * (len(keys) > 1)} ({', '.join(keys[:2])}"
+                    f"{', ...' if len(keys) > 2 else ''})" for kind, keys in sorted(by_kind.items()))
+    raise DataError(f"the data mixes kinds of files: {mix}. Give one kind, or --modality bytes to train on every "
+                    "file's raw bytes")
+
+
+def resolve_media(paths: Sequence[str | Path] | None, modality: str = "auto", image_size: str = "",
+                  sample_rate: int = 0, sample_format: str = "mulaw") -> tuple[Media, bool]:
+    """What the data is (None: bytes) and whether its shape was stated (then images' channels are converted to it
+    and sounds resampled to its rate; unstated, it is the first file's, and every other must match). Reads file
+    names and the first file's header only, so a run can be sized before its data is decoded."""
+    if modality not in ("auto", *MODALITIES):
+        raise DataError(f"modality must be auto, {', '.join(MODALITIES)}; got {modality!r}")
+    if paths is None or modality == "bytes":
+        if modality in ("image", "audio"):
+            raise DataError(f"a {modality} model needs its data: name {modality} files or folders with --data")
+        return None, False
+    files = _collect([paths] if isinstance(paths, (str, os.PathLike)) else paths)
+    kind = _kinds(files) if modality == "auto" else modality
+    first = files[0][0]
+    if kind == "image":
+        if image_size:
+            h, w, c = parse_image_size(image_size)
+            return ImageFormat(h, w, c or images.probe(first)[2]), c is not None
+        return ImageFormat(*images.probe(first)), False
+    if kind == "audio":
+        return AudioFormat(sample_rate or audio.probe(first), sample_format), sample_rate > 0
+    return None, False
+
+
+def _media_parts(path: Path, media: Media, fit: str, convert: bool) -> list[np.ndarray]:
+    """One file's images (a `.npy` stack holds many) or its one clip, as arrays of bytes."""
+    if isinstance(media, ImageFormat):
+        return images.read_images(path, media, fit, convert)
+    if not convert and (rate := audio.probe(path)) != media.sample_rate:
+        raise DataError(f"{path} is sampled at {rate:,} Hz where the other clips are at {media.sample_rate:,} Hz: "
+                        "state the rate to resample every clip to with --sample-rate")
+    return [audio.read_audio(path, media)]
+
+
+def _media_split(files: list[tuple[Path, str]], val_fraction: float, media: Media, fit: str, convert: bool
+                 ) -> tuple[ByteDataset, ByteDataset, str]:
+    """Images or clips split like files: by crc32 of the path, or, from one file, its last images or the tail of its
+    one clip (cut at a sample)."""
+    if len(files) == 1:
+        path = files[0][0]
+        parts = _media_parts(path, media, fit, convert)
+        if isinstance(media, ImageFormat):
+            if len(parts) < 2:
+                raise DataError(f"{path} holds one image: a run needs at least two, one to validate on")
+            n_val = max(1, round(len(parts) * val_fraction))
+            train_parts, val_parts, how = parts[:-n_val], parts[-n_val:], f"last {n_val:,} images"
+        else:
+            clip = parts[0]
+            n_val = max(1, round(len(clip) / media.bytes_per_sample * val_fraction)) * media.bytes_per_sample
+            if n_val >= len(clip):
+                raise DataError(f"{path} is too short to split into training and validation audio")
+            train_parts, val_parts, how = [clip[:-n_val]], [clip[-n_val:]], f"last {n_val:,} bytes"
+        train = ByteDataset(train_parts, name="train", paths=[path], media=media)
+        val = ByteDataset(val_parts, name="val", paths=[path], media=media)
+        text = (f"{media.describe()} | train: {train.describe()} | val: {val.describe()} (split by tail of one "
+                f"file, {how}: {path})")
+        return train, val, text
+    is_val = _val_sides(files, val_fraction)
+    sides: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    for (f, _), v in zip(files, is_val, strict=True):
+        parts = _media_parts(f, media, fit, convert)
+        sides[v][0].extend(parts)
+        sides[v][1].extend([f] * len(parts))
+    train = ByteDataset(sides[False][0], name="train", paths=sides[False][1], media=media)
+    val = ByteDataset(sides[True][0], name="val", paths=sides[True][1], media=media)
+    text = (f"{media.describe()} | train: {train.describe()} | val: {val.describe()} (split by file, crc32 of "
+            f"path, {val_fraction * 100:g}%)")
+    return train, val, text
+
+
+def _val_sides(files: list[tuple[Path, str]], val_fraction: float) -> list[bool]:
+    """Per file: does it go to validation (crc32 of its key below val_fraction, at least one file each side)."""
+    scores = [_val_score(key) for _, key in files]
+    is_val = [s < val_fraction for s in scores]
+    # Hashing can put every file on one side of a small corpus; move the nearest file across so both are usable.
+    if not any(is_val):
+        is_val[int(np.argmin(scores))] = True
+    elif all(is_val):
+        is_val[int(np.argmax(scores))] = False
+    return is_val
+
+
+def load_split(paths: Sequence[str | Path] | None, val_fraction: float = 0.05, separator: int | None = None,
+               media: Media = None, fit: str = "none", convert: bool = False
+               ) -> tuple[ByteDataset, ByteDataset, str]:
     """Deterministic train/validation split of the given files/directories (None: the stdlib default corpus).
 
     One file: its last `val_fraction` of bytes is validation. Several files: whole files go to validation when
     the crc32 of their path (relative to the directory given) falls below `val_fraction`, with at least one file
     on each side. Returns (train, val, a one-line statement of the split).
+
+    With `media` (images or audio, as `resolve_media` found it) every file is decoded to its raw pixels or
+    samples, `fit` bringing images to size (bytelm.data.images) and `convert` converting channels and rates; one
+    `.npy` stack or one clip is split by its tail (its last images, the end of the clip).
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     check_separator(separator)
     if paths is None:
+        if media is not None:
+            raise DataError(f"a {media.kind} model needs its data: name {media.kind} files or folders with --data")
         root = Path(sysconfig.get_paths()["stdlib"])
         files = [(f, f.relative_to(root).as_posix()) for f in default_corpus_files() if f.stat().st_size > 0]
     else:
@@ -103,16 +207,14 @@ def load_split(paths: Sequence[str | Path] | None, val_fraction: float = 0.05,
         if not paths:
             raise DataError("no data paths given")
         files = _collect(paths)
+    if media is not None:
+        if separator is not None:
+            raise DataError("--separator joins documents of bytes; images and sounds are sequences of their own")
+        return _media_split(files, val_fraction, media, fit, convert)
     if len(files) == 1:
         return _tail_split(files[0][0], val_fraction, separator)
 
-    scores = [_val_score(key) for _, key in files]
-    is_val = [s < val_fraction for s in scores]
-    # Hashing can put every file on one side of a small corpus; move the nearest file across so both are usable.
-    if not any(is_val):
-        is_val[int(np.argmin(scores))] = True
-    elif all(is_val):
-        is_val[int(np.argmax(scores))] = False
+    is_val = _val_sides(files, val_fraction)
     train_files = [f for (f, _), v in zip(files, is_val, strict=True) if not v]
     val_files = [f for (f, _), v in zip(files, is_val, strict=True) if v]
     train = ByteDataset.from_files(train_files, separator, name="train")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .media import AudioFormat, Media
 
 # Files at least this big are memory-mapped; smaller ones are read into RAM. Every memmap pins an open file
 # descriptor (mmap dups it), and a directory of thousands of small files (the stdlib alone has ~1,800) would run
@@ -47,11 +48,21 @@ class ByteDataset:
     With `separator=None` (the default) the parts are plainly concatenated. With a separator byte, that byte is
     inserted between consecutive parts (not after the last), so a model can see where one file ends; it counts
     toward `len()`. Empty parts are dropped.
+
+    `media` (bytelm.data.media) says what the bytes are; an image or audio dataset is `bounded`: each part (an
+    image, a clip) is a sequence of its own, and no training or evaluation window crosses from one part into the
+    next. Windows start at multiples of `align` bytes into a part (a sample's bytes: a 16-bit window never starts
+    on a sample's high byte).
     """
 
     def __init__(self, parts: Sequence[np.ndarray], separator: int | None = None, name: str = "data",
-                 paths: Sequence[Path] = ()):
+                 paths: Sequence[Path] = (), media: Media = None):
         check_separator(separator)
+        self.media = media
+        self.bounded = media is not None
+        self.align = media.bytes_per_sample if isinstance(media, AudioFormat) else 1
+        if self.bounded and separator is not None:
+            raise DataError("a separator joins documents of bytes; images and sounds are sequences of their own")
         self.parts = [p for p in parts if len(p) > 0]
         self.separator = separator
         self.name = name  # "train" / "val": used in error messages
@@ -77,7 +88,8 @@ class ByteDataset:
 
     def describe(self) -> str:
         n = self.num_files
-        return f"{n:,} file{'' if n == 1 else 's'}, {_fmt_bytes(len(self))}"
+        what = {None: "file", "image": "image", "audio": "clip"}[getattr(self.media, "kind", None)]
+        return f"{n:,} {what}{'' if n == 1 else 's'}, {_fmt_bytes(len(self))}"
 
     def read(self, start: int, length: int) -> np.ndarray:
         """`length` bytes of the stream from `start`, gathered across part boundaries (a fresh uint8 array)."""

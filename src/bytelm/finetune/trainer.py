@@ -76,6 +76,11 @@ class FinetuneTrainer(Trainer):
 
     cfg: FinetuneConfig
 
+    def data_media(self):
+        """The base's modality: a fine-tune reads its data as the base's images, sounds or bytes (channels and rate
+        converted to the base's)."""
+        return self.cfg.model_config().media, True
+
     def memory_parts(self) -> list[tuple[str, int]]:
         """Trainer's estimate for the base frozen and only its adapters trained (checked before the base is loaded)."""
         cfg = self.cfg

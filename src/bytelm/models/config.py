@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ..data.media import ImageFormat, Media, parse_modality
 from ..errors import ConfigError
 from ..nn.init import INIT_SCHEMES
 from ..typedconfig import TypedConfig
@@ -92,6 +93,18 @@ class ModelConfig(TypedConfig):
         self._check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         self._check(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         self._check(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+        try:
+            media = parse_modality(self.modality)
+        except ConfigError as e:
+            raise ConfigError(f"{self.model_type} config: {e}") from None
+        if isinstance(media, ImageFormat):
+            self._check(self.max_seq_len >= media.seq_len, f"max_seq_len ({self.max_seq_len:,}) must hold a whole "
+                        f"{media.height}x{media.width}x{media.channels} image ({media.seq_len:,} bytes)")
+
+    @property
+    def media(self) -> Media:
+        """What the model's bytes are (bytelm.data.media): None for plain bytes, else an image or audio format."""
+        return parse_modality(self.modality)
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -139,10 +152,13 @@ class MegabyteConfig(ModelConfig):
     # gets; bytelm's default) or "gpt2" (N(0, 0.02), depth-scaled residual projections: bytelm 0.1/0.2). It does
     # not matter to a loaded model, so a config.json without it loads with the default.
     init: str = "fan_in"
+    # what the bytes are: `bytes`, `image:HxWxC` or `audio:RATE:FORMAT` (bytelm.data.media); set from the data
+    modality: str = "bytes"
 
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
                                                           "local_norms": ("0.2.0", False),
-                                                          "context_global": ("0.2.0", False)}
+                                                          "context_global": ("0.2.0", False),
+                                                          "modality": ("0.5.0", "bytes")}
     optional_when_loading: ClassVar[tuple[str, ...]] = ("init",)
 
     def __post_init__(self) -> None:
@@ -186,6 +202,9 @@ class TransformerConfig(ModelConfig):
     pos_emb: str = "rope"
     rope_base: float = 10000.0
     bias: bool = False
+    modality: str = "bytes"  # as MegabyteConfig's
+
+    added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"modality": ("0.5.0", "bytes")}
 
     def __post_init__(self) -> None:
         self._check_common()

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..data.media import IMAGE_FITS, MAX_SAMPLE_RATE, MODALITIES, SAMPLE_FORMATS, parse_image_size
 from ..errors import ConfigError
 from ..models.registry import config_class, model_types
 from ..typedconfig import TypedConfig
@@ -27,6 +28,11 @@ class TrainConfig(TypedConfig):
     data: list[str] = field(default_factory=list)  # files/folders; empty: the Python standard library's source
     val_fraction: float = 0.05  # share of the data held out for validation
     separator: int | None = None  # byte joining documents; None: plain concatenation
+    modality: str = "auto"  # what the data is: auto (by file extension) | bytes | image | audio
+    image_size: str = ""  # images: HxW or HxWxC, height first (64x64x3); empty: the first image's
+    image_fit: str = "none"  # images of another size: none (an error) | resize | crop (the centre) | pad (black)
+    sample_rate: int = 0  # audio: samples per second (others resampled); 0: the first clip's
+    sample_format: str = "mulaw"  # audio: mulaw (8-bit mu-law) | pcm8 (8-bit) | pcm16 (16-bit little-endian)
     out_dir: str = ""  # run folder; empty: runs/<model_type>-<preset>
     seq_len: int = 0  # 0: the model's max_seq_len
     batch_size: int = 8  # per process and micro-step; global batch = batch_size * grad_accum * processes
@@ -65,6 +71,8 @@ class TrainConfig(TypedConfig):
         for ok, msg in self._checks():
             if not ok:
                 raise ConfigError(f"{self._kind} config: {msg}")
+        if self.image_size:
+            parse_image_size(self.image_size)
         if not self.out_dir:
             self.out_dir = self._default_out_dir()
 
@@ -96,6 +104,13 @@ class TrainConfig(TypedConfig):
             (self.local_lr_scale > 0, f"local_lr_scale must be > 0, got {self.local_lr_scale}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.modality in ("auto", *MODALITIES), f"modality must be auto, {', '.join(MODALITIES)}; got "
+                                                     f"{self.modality!r}"),
+            (self.image_fit in IMAGE_FITS, f"image_fit must be one of {', '.join(IMAGE_FITS)}, got {self.image_fit!r}"),
+            (0 <= self.sample_rate <= MAX_SAMPLE_RATE, f"sample_rate must be in 0..{MAX_SAMPLE_RATE:,} Hz (0: the "
+                                                       f"first clip's), got {self.sample_rate}"),
+            (self.sample_format in SAMPLE_FORMATS, f"sample_format must be one of {', '.join(SAMPLE_FORMATS)}, got "
+                                                   f"{self.sample_format!r}"),
             (0 < self.decay_fraction <= 1, f"decay_fraction must be in (0, 1], got {self.decay_fraction}"),
             (self.precision in ("auto", "fp32", "bf16"), "precision must be auto, fp32 or bf16"),
             (min(self.log_interval, self.eval_interval, self.save_interval, self.eval_batches,

@@ -29,10 +29,11 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .._version import __version__
-from ..data import WindowSampler, load_split
+from ..data import ImageFormat, Media, WindowSampler, files, load_split, resolve_media
+from ..data.media import AudioFormat
 from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
-from ..io import atomic_write_text, checkpoint_steps, latest_checkpoint
+from ..io import atomic_write_bytes, atomic_write_text, checkpoint_steps, latest_checkpoint
 from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
 from ..nn import Block
 from . import metrics
@@ -55,6 +56,18 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
             m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
 
 
+def with_media(config, media: Media, fixed_len: bool):
+    """The model config for data of `media`: its modality recorded (so the model knows what it generates), and an
+    image model's max_seq_len one image (unless the run set it)."""
+    spec = "bytes" if media is None else media.spec
+    if config.modality == spec:
+        return config
+    changes: dict[str, Any] = {"modality": spec}
+    if isinstance(media, ImageFormat) and not fixed_len:
+        changes["max_seq_len"] = media.seq_len
+    return config.replace(**changes)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=log_line) -> None:
         self.cfg, self.log_fn = cfg, log
@@ -65,13 +78,14 @@ class Trainer:
 
         if self.out.exists() and not self.out.is_dir():
             raise UsageError(f"--out-dir {self.out} is a file, not a folder")
-        self.model_config = cfg.model_config()
-        self.seq_len = cfg.seq_len or self.model_config.max_seq_len
-        if self.seq_len > self.model_config.max_seq_len:
-            raise ConfigError(f"seq_len {self.seq_len} exceeds the model's max_seq_len "
-                              f"{self.model_config.max_seq_len}; raise it with --model max_seq_len=N")
+        # what the data is (images, audio, bytes), from file names and one header: the model and the sequence
+        # length follow from it, and the memory check comes before any image or clip is decoded
+        self.media, convert = self.data_media()
+        self.model_config = with_media(cfg.model_config(), self.media, "max_seq_len" in cfg.model)
+        self.seq_len = self.sequence_length()
         self.check_memory()  # before the data is read and the model built: refuse what the device cannot hold
-        self.train_data, self.val_data, self.split_info = load_split(cfg.data or None, cfg.val_fraction, cfg.separator)
+        self.train_data, self.val_data, self.split_info = load_split(cfg.data or None, cfg.val_fraction, cfg.separator,
+                                                                     self.media, cfg.image_fit, convert)
         self.sampler = WindowSampler(self.train_data, self.seq_len, cfg.batch_size, cfg.seed, self.rank, self.world)
         WindowSampler(self.val_data, self.seq_len, 1, 0)  # fail now, with a clear message, if val is too short
 
@@ -104,11 +118,34 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         self.autocast = autocast_for(cfg.precision, self.device)
 
+    def sequence_length(self) -> int:
+        """Bytes per training sequence: one whole image; else --seq-len, or the model's max_seq_len."""
+        cfg, media, max_len = self.cfg, self.media, self.model_config.max_seq_len
+        if isinstance(media, ImageFormat):
+            if cfg.seq_len not in (0, media.seq_len):
+                raise ConfigError(f"an image model trains on whole images: seq_len must be {media.seq_len:,} "
+                                  f"({media.height}x{media.width}x{media.channels}) or 0, got {cfg.seq_len:,}")
+            return media.seq_len
+        seq_len = cfg.seq_len or max_len
+        if seq_len > max_len:
+            raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {max_len}; raise it with --model "
+                              "max_seq_len=N")
+        if isinstance(media, AudioFormat) and seq_len % media.bytes_per_sample:
+            raise ConfigError(f"seq_len {seq_len:,} is not a whole number of {media.sample_format} samples "
+                              f"({media.bytes_per_sample} bytes each)")
+        return seq_len
+
     @property
     def ddp(self) -> bool:
         return self.env.distributed
 
     # what a fine-tune changes (bytelm.finetune.FinetuneTrainer) ------------------------------------------------
+    def data_media(self) -> tuple[Media, bool]:
+        """What the data is (bytelm.data.media; None: bytes) and whether its shape was stated (then images are
+        converted to its channels and clips resampled to its rate)."""
+        c = self.cfg
+        return resolve_media(c.data or None, c.modality, c.image_size, c.sample_rate, c.sample_format)
+
     def memory_parts(self) -> list[tuple[str, int]]:
         """(label, bytes) of what a training step holds at its peak (bytelm.training.memory)."""
         cfg = self.cfg
@@ -335,6 +372,9 @@ class Trainer:
         self.log(f"bytelm {__version__} | {self.describe()} | seq_len {self.seq_len} | global batch "
                  f"{cfg.batch_size}x{cfg.grad_accum}x{self.world} windows ({self.batch_bytes:,} bytes) | "
                  f"device {self.device} | {self.split_info}")
+        if self.sampler.skipped:
+            self.log(f"note: {self.sampler.skipped:,} training {self.media.kind}s shorter than seq_len "
+                     f"{self.seq_len:,} are never drawn")
         self.before_training()
         limit = cfg.step_limit  # None: the time budget ends the run
         caps = [n for n in (limit, until_step) if n]  # until_step 0 or None: no extra cap, as before
@@ -396,14 +436,27 @@ def sample_text(model: ByteLM, prompt: str, n: int, seed: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def write_sample(model: ByteLM, media: Media, out: Path, seed: int) -> Path:
+    """An image model's sample image, an audio model's second of sound (at most max_seq_len bytes), generated from
+    nothing at temperature 1 (the model's own distribution) into out/sample.png or .wav."""
+    n = media.seq_len if isinstance(media, ImageFormat) else min(media.bytes_per_second, model.config.max_seq_len)
+    n -= n % getattr(media, "bytes_per_sample", 1)
+    path = out / f"sample{files.suffix(media)}"
+    atomic_write_bytes(path, files.to_file(model.generate(b"", n, temperature=1.0, seed=seed), media))
+    return path
+
+
 def train(cfg: TrainConfig, resume: bool = False, log=log_line, trainer_class: type[Trainer] = Trainer
           ) -> dict[str, Any]:
-    """Run (or resume) a training run end to end; print a sample when it is done. A LoRA fine-tune is the same run
-    with another `trainer_class` (bytelm.finetune.finetune)."""
+    """Run (or resume) a training run end to end; print a sample when it is done (an image or audio model's is
+    written to the run folder). A LoRA fine-tune is the same run with another `trainer_class`
+    (bytelm.finetune.finetune)."""
     trainer = trainer_class(cfg, resume=resume, log=log)
     try:
         result = trainer.run()
-        if trainer.master and cfg.sample_bytes > 0:
+        if trainer.master and cfg.sample_bytes > 0 and trainer.media is not None:
+            log(f"sample: {write_sample(trainer.model, trainer.media, trainer.out, cfg.seed)}")
+        elif trainer.master and cfg.sample_bytes > 0:
             n = min(cfg.sample_bytes, trainer.model_config.max_seq_len - len(cfg.sample_prompt.encode()))
             if n > 0:
                 log("--- sample ---\n" + sample_text(trainer.model, cfg.sample_prompt, n, cfg.seed) +
