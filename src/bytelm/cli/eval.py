@@ -19,7 +19,9 @@ from .options import parse
 class EvalArgs:
     """Bits per byte = summed nats over every byte / (ln 2 * bytes); byte 0 counts. Without --data: the validation
     split of the data the run (with --adapter: the fine-tune) trained on, or of the embedded corpus. Files named
-    with --data are scored whole unless --split picks a part of the split they make."""
+    with --data are scored whole unless --split picks a part of the split they make. An image model scores whole
+    images (also in bits per pixel), an audio model its clips (also in bits per sample), read as it was trained;
+    beside each, what lossless codecs (PNG, WebP, FLAC, xz) make of the same bytes."""
 
     model: ModelArg = None
     """a model folder, a training run folder or a hub id (org/name); with --adapter: its base (default: the base
@@ -35,6 +37,9 @@ class EvalArgs:
     stride: int | None = None  # for sliding/strided: bytes scored per window (default: seq_len/2)
     batch_size: int = 8  # windows per forward pass
     max_bytes: int | None = None  # score only the first N bytes
+    image_fit: Literal["none", "resize", "crop", "pad"] | None = None
+    """images of another size than the model's: none (an error) | resize | crop | pad (default: the run's)"""
+    codecs: bool = True  # also the bits per byte of lossless codecs on the same bytes (the first 64 MiB)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     json: bool = False  # print the result as JSON
 
@@ -51,26 +56,46 @@ def _run_data_settings(model_path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    from ..data import ByteDataset, load_split
-    from ..evaluation import evaluate
+    from ..data import ByteDataset, ImageFormat, load_split
+    from ..evaluation import codec_bpb, evaluate, per_unit
 
     args = parse(EvalArgs, argv, "bytelm eval")
     model = load(args.model, args.device, args.adapter)
+    media = model.config.media
+    if isinstance(media, ImageFormat) and args.seq_len not in (None, media.seq_len):
+        raise UsageError(f"an image model scores whole images: --seq-len must be {media.seq_len:,} (one "
+                         f"{media.height}x{media.width}x{media.channels} image) or left out")
     run = _run_data_settings(Path(args.adapter or args.model))
     data = args.data or run.get("data") or None
     split = args.split or ("all" if args.data else "val")
-    train, val, info = load_split(data, run.get("val_fraction", 0.05), run.get("separator"))
+    train, val, info = load_split(data, run.get("val_fraction", 0.05), None if media else run.get("separator"),
+                                  media, args.image_fit or run.get("image_fit", "none"), convert=True)
     if split == "all":
-        dataset = ByteDataset(train.parts + val.parts, separator=train.separator, name="all")
-        info = f"{', '.join(map(str, data)) if data else 'the embedded corpus'} ({len(dataset):,} bytes)"
+        dataset = ByteDataset(train.parts + val.parts, separator=train.separator, name="all", media=media)
+        info = f"{', '.join(map(str, data)) if data else 'the embedded corpus'} ({dataset.describe()})"
     else:
         dataset = val if split == "val" else train
-    res = evaluate(model, dataset, seq_len=args.seq_len, mode=args.mode, stride=args.stride,
+    seq_len = args.seq_len
+    if seq_len is None and media is not None:  # one image; for sound, whole samples
+        seq_len = media.seq_len if isinstance(media, ImageFormat) else \
+            model.config.max_seq_len - model.config.max_seq_len % media.bytes_per_sample
+    res = evaluate(model, dataset, seq_len=seq_len, mode=args.mode, stride=args.stride,
                    batch_size=args.batch_size, max_bytes=args.max_bytes, progress=sys.stderr.isatty())
+    units = per_unit(res.bpb, media)
+    codecs = codec_bpb(dataset, res.bytes) if args.codecs else {}
     if args.json:
-        print(json.dumps({**dataclasses.asdict(res), "split": split, "data": info}))
-    else:
-        print(f"{split} split of: {info}" if split != "all" else f"all of: {info}")
-        print(f"bits per byte: {res.bpb:.4f} over {res.bytes:,} bytes ({res.mode}, seq_len {res.seq_len}, "
-              f"stride {res.stride}, {res.seconds:.1f}s)")
+        print(json.dumps({**dataclasses.asdict(res), **units, "codecs_bpb": codecs, "modality": model.config.modality,
+                          "split": split, "data": info}))
+        return 0
+    print(f"{split} split of: {info}" if split != "all" else f"all of: {info}")
+    print(f"bits per byte: {res.bpb:.4f} over {res.bytes:,} bytes ({res.mode}, seq_len {res.seq_len}, "
+          f"stride {res.stride}, {res.seconds:.1f}s)")
+    if "bits_per_pixel" in units:
+        print(f"bits per pixel: {units['bits_per_pixel']:.4f} ({media.channels} byte(s) per pixel)")
+    if "bits_per_sample" in units:
+        print(f"bits per sample: {units['bits_per_sample']:.4f} ({units['kbit_per_s']:.1f} kbit/s at "
+              f"{media.sample_rate:,} Hz)")
+    if codecs:
+        print("lossless codecs on the same bytes (bits per byte): " +
+              " | ".join(f"{name} {bpb:.4f}" for name, bpb in codecs.items()))
     return 0

@@ -146,3 +146,20 @@ def png_to_pixels(png: bytes, fmt: ImageFormat, fit: str = "none", where: str = 
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read {where}: {str(e) or type(e).__name__}") from None
     return to_format(img, fmt, fit, where, convert=True).tobytes()
+
+
+def top_rows(path: Path, fmt: ImageFormat, rows: int | None = None) -> bytes:
+    """The pixels of the top `rows` rows of an image file, as an image model's prompt: the image must be as wide as
+    the model's and no taller (channels are converted). rows: default all of a shorter image, half of a full one."""
+    img = open_image(path)
+    if img.width != fmt.width or img.height > fmt.height:
+        raise DataError(f"{path} is {img.height}x{img.width}: a prompt image for this {fmt.height}x{fmt.width} model "
+                        f"must be {fmt.width} pixels wide and at most {fmt.height} rows tall (its top rows)")
+    if rows is None:
+        rows = img.height if img.height < fmt.height else fmt.height // 2
+    if not 1 <= rows <= min(img.height, fmt.height - 1):
+        raise DataError(f"--prompt-rows must be in 1..{min(img.height, fmt.height - 1)} for {path} ({img.height} "
+                        f"rows; the model's images have {fmt.height}), got {rows}")
+    _channels(img, str(path))  # 16-bit and float images refused, naming the file
+    pixels = np.asarray(img.convert(MODES[fmt.channels]), dtype=np.uint8).reshape(img.height, fmt.width, -1)
+    return pixels[:rows].tobytes()

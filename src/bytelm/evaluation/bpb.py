@@ -37,6 +37,10 @@ strided (MEGABYTE only)
     sliding inference. A model without patches (ByteTransformer) is a P = 1 model: `mode="strided"` falls back to
     sliding and the result says so (`mode == "sliding"`, with a `note`).
 
+Images and sounds (a bounded `ByteDataset`: bytelm.data.dataset) are scored one image or clip at a time: windows
+never cross from one into the next, and the first byte of each is scored from nothing, as it was trained. An image
+model's window is one whole image.
+
 Memory stays bounded whatever the input size: windows are read lazily from a `ByteDataset` (memory-mapped files),
 `batch_size` windows of equal length at a time.
 """
@@ -113,10 +117,20 @@ def _windows(n: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]
         prev_end, begin = end, begin + stride
 
 
-def _batches(n: int, seq_len: int, stride: int, batch_size: int) -> Iterator[list[tuple[int, int, int]]]:
+def _bounded_windows(ds: ByteDataset, n: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """`_windows` inside each part of a bounded dataset (an image, a clip) in turn, up to byte n: no window crosses
+    into the next part, and each part's first byte is scored from nothing, as it was trained."""
+    for start, end in zip(ds.offsets[:-1].tolist(), ds.offsets[1:].tolist(), strict=True):
+        if start >= n:
+            return
+        for s, e, f in _windows(min(end, n) - start, seq_len, stride):
+            yield start + s, start + e, start + f
+
+
+def _batches(windows: Iterator[tuple[int, int, int]], batch_size: int) -> Iterator[list[tuple[int, int, int]]]:
     """Consecutive windows grouped `batch_size` at a time, each group of one window length."""
     batch: list[tuple[int, int, int]] = []
-    for w in _windows(n, seq_len, stride):
+    for w in windows:
         if batch and (len(batch) == batch_size or w[1] - w[0] != batch[0][1] - batch[0][0]):
             yield batch
             batch = []
@@ -163,6 +177,10 @@ def evaluate(model, data, seq_len: int | None = None, mode: str = "chunked", str
     n = len(ds) if max_bytes is None else min(len(ds), max_bytes)
     if n == 0:
         raise EvaluationError(f"{ds.name} is empty (0 bytes): nothing to evaluate")
+    if ds.bounded and seq_len % ds.align:
+        raise EvaluationError(f"seq_len {seq_len} is not a whole number of samples ({ds.align} bytes each)")
+    if ds.bounded and stride % ds.align:
+        raise EvaluationError(f"stride {stride} is not a whole number of samples ({ds.align} bytes each)")
 
     note = ""
     P = getattr(model.config, "patch_size", 1)
@@ -186,7 +204,8 @@ def evaluate(model, data, seq_len: int | None = None, mode: str = "chunked", str
     # inference mode turns dropout off without touching model.training (see bytelm.nn.dropout_active)
     with torch.inference_mode(), tqdm(total=n, unit="B", unit_scale=True, disable=not progress,
                                       desc=f"eval {mode}") as bar:
-        for batch in _batches(n, seq_len, stride, batch_size):
+        windows = _bounded_windows(ds, n, seq_len, stride) if ds.bounded else _windows(n, seq_len, stride)
+        for batch in _batches(windows, batch_size):
             length = batch[0][1] - batch[0][0]
             x = torch.from_numpy(np.stack([ds.read(s, length) for s, _, _ in batch])).to(device).long()
             nats = _byte_nats(model, x)  # pass A
