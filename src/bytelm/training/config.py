@@ -62,7 +62,7 @@ class TrainConfig(TypedConfig):
     eval_batches: int = 8  # batches per validation estimate
     save_interval: int = 100  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
-    sample_bytes: int = 256  # printed after training; 0: no sample
+    sample_bytes: int = 256  # printed after training (an image or audio model writes sample.png or .wav); 0: none
     sample_prompt: str = "def "  # the sample's prompt
 
     _kind: ClassVar[str] = "train"  # names the config in its errors
