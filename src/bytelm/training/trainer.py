@@ -373,8 +373,8 @@ class Trainer:
                  f"{cfg.batch_size}x{cfg.grad_accum}x{self.world} windows ({self.batch_bytes:,} bytes) | "
                  f"device {self.device} | {self.split_info}")
         if self.sampler.skipped:
-            self.log(f"note: {self.sampler.skipped:,} training {self.media.kind}s shorter than seq_len "
-                     f"{self.seq_len:,} are never drawn")
+            self.log(f"note: {self.sampler.skipped:,} training clip(s) shorter than seq_len {self.seq_len:,} are never "
+                     "drawn")
         self.before_training()
         limit = cfg.step_limit  # None: the time budget ends the run
         caps = [n for n in (limit, until_step) if n]  # until_step 0 or None: no extra cap, as before
