@@ -16,6 +16,7 @@ other channels than the first is an error, as is a 16-bit or floating-point imag
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -165,14 +166,16 @@ def top_rows_of(blob: bytes, fmt: ImageFormat, rows: int | None = None, where: s
             img = Image.open(io.BytesIO(blob))
             img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {where}: {str(e) or type(e).__name__}") from None
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # Pillow names the file object
+        raise DataError(f"cannot read {where}: {why or type(e).__name__}") from None
     return _top_rows(img, fmt, rows, where, rows_name)
 
 
 def _top_rows(img, fmt: ImageFormat, rows: int | None, where: str, rows_name: str) -> bytes:
     if img.width != fmt.width or img.height > fmt.height:
-        raise DataError(f"{where} is {img.height}x{img.width}: a prompt image for this {fmt.height}x{fmt.width} model "
-                        f"must be {fmt.width} pixels wide and at most {fmt.height} rows tall (its top rows)")
+        raise DataError(f"{where} is {img.height} rows of {img.width} pixels: a prompt image for this model "
+                        f"({fmt.height} rows of {fmt.width} pixels) must be {fmt.width} pixels wide and at most "
+                        f"{fmt.height} rows tall (its top rows)")
     if rows is None:
         rows = img.height if img.height < fmt.height else fmt.height // 2
     if not 1 <= rows <= min(img.height, fmt.height - 1):

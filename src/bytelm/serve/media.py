@@ -29,25 +29,35 @@ def modality(media: Media) -> str:
     return "bytes" if media is None else media.spec
 
 
+def describe(media: Media) -> str:
+    """What a model makes, in OpenAI's terms (an image's size WIDTHxHEIGHT), with its modality spec."""
+    if media is None:
+        return "text and other bytes (modality `bytes`)"
+    if isinstance(media, ImageFormat):
+        return f"{image_size(media)} images (WIDTHxHEIGHT; modality `{media.spec}`)"
+    return f"{media.describe()} (modality `{media.spec}`)"
+
+
 def require(media: Media, want: str) -> None:
     """A 400 unless the model makes `want` (bytes, image or audio), saying what it makes and where to ask for it."""
     got = kind(media)
     if got == want:
         return
-    what = "text and other bytes" if got == "bytes" else f"{media.describe()}"
+    nouns = {"bytes": "text", "image": "images", "audio": "sound"}
     made = {"bytes": "bytes", "image": "pixels", "audio": "sound samples"}
-    raise ApiError(400, f"this model makes {what}, not {'text' if want == 'bytes' else want + 's'} (its output is "
-                        f"{made[got]}, its modality `{modality(media)}`): use {ENDPOINTS[got]}", param="model",
-                   code="unsupported_modality")
+    raise ApiError(400, f"this model makes {describe(media)}, not {nouns[want]}: its output is {made[got]}; use "
+                        f"{ENDPOINTS[got]}", param="model", code="unsupported_modality")
 
 
 def check_common(body: ImageGenerationRequest | AudioGenerationRequest, media: ImageFormat | AudioFormat) -> None:
     """What both endpoints refuse: a text prompt, a URL response, streaming and fields this server cannot honour."""
     if body.prompt.strip():
-        how = ("send the top rows of an image to complete as `image` (base64 PNG)" if media.kind == "image" else
-               "send a clip to continue as `audio` (base64 WAV)")
-        raise ApiError(400, f"prompt: this {media.kind} model is not text-conditioned (it makes {media.describe()} "
-                            f"from nothing); leave prompt empty, or {how}", param="prompt")
+        how = ("completes the top rows of one; leave prompt empty, or send those rows as `image` (base64 PNG)"
+               if media.kind == "image" else "continues a clip; leave prompt empty, or send the clip as `audio` "
+               "(base64 WAV)")
+        raise ApiError(400, f"prompt: this {media.kind} model is not text-conditioned (it makes "
+                            f"{'images' if media.kind == 'image' else 'sound'} from nothing, or {how})",
+                       param="prompt")
     if body.response_format == "url":
         raise ApiError(400, "response_format: 'url' is not supported (this server hosts no files); use 'b64_json'",
                        param="response_format")
@@ -81,15 +91,16 @@ def image_prompt(body: ImageGenerationRequest, fmt: ImageFormat) -> bytes:
     """The prompt pixels of an image request (nothing, or the top rows of `image`), every field checked."""
     check_common(body, fmt)
     if body.size not in (None, "auto", image_size(fmt)):
-        raise ApiError(400, f"size: this model makes {image_size(fmt)} images (WIDTHxHEIGHT: {fmt.describe()}), got "
-                            f"{body.size!r}; send size {image_size(fmt)!r} or leave it out", param="size")
+        raise ApiError(400, f"size: this model makes {image_size(fmt)} images (WIDTHxHEIGHT: {fmt.width} pixels wide, "
+                            f"{fmt.height} rows), got {body.size!r}; send size {image_size(fmt)!r} or leave it out",
+                       param="size")
     if body.image is None:
         if body.prompt_rows is not None:
             raise ApiError(400, "prompt_rows: send the image whose top rows to keep as `image`", param="prompt_rows")
         return b""
     blob = b64_file(body.image, "image")
     try:
-        return image_data.top_rows_of(blob, fmt, body.prompt_rows, where="image", rows_name="prompt_rows")
+        return image_data.top_rows_of(blob, fmt, body.prompt_rows, where="the image", rows_name="prompt_rows")
     except DataError as e:
         param = "prompt_rows" if str(e).startswith("prompt_rows") else "image"
         raise ApiError(400, str(e), param=param) from None
@@ -104,9 +115,11 @@ def audio_request(body: AudioGenerationRequest, fmt: AudioFormat, max_len: int) 
     prompt = b""
     if body.audio is not None:
         try:
-            prompt = audio_data.wav_to_bytes(b64_file(body.audio, "audio"), fmt, "audio")
-        except DataError as e:
-            raise ApiError(400, str(e), param="audio") from None
+            prompt = audio_data.wav_to_bytes(b64_file(body.audio, "audio"), fmt, "the clip")
+        except DataError as e:  # libsndfile names the file object: keep its reason only
+            why = "it holds no samples" if "no audio samples" in str(e) else str(e).rsplit(": ", 1)[-1]
+            raise ApiError(400, f"audio: cannot read the clip as a sound file (WAV, FLAC, OGG, ...): {why}",
+                           param="audio") from None
     bps = fmt.bytes_per_sample
     if body.max_bytes is not None:
         n, param = body.max_bytes, "max_bytes"
