@@ -255,19 +255,29 @@ def test_bad_audio_requests_get_one_line_400s(sounds, body, param, fragment):
     assert fragment in err["message"] and err["param"] == param
 
 
-def test_bytelm_serve_serves_an_image_model(image_model, tmp_path):
-    """The CLI path: `bytelm serve` on a saved image model folder, the openai client against a real socket."""
+def test_bytelm_serve_serves_an_image_model_and_a_hang_up_frees_its_streams(tmp_path):
+    """The CLI path: `bytelm serve` on a saved 32x32 grey model, the openai client against a real socket (completing
+    all but the last two rows, so that it is quick); then a client that asks for 3 whole images and hangs up: its 3
+    streams are cancelled at once, not decoded to the end."""
     import httpx
-    from test_serve import Server
+    from test_serve import KEY as SERVE_KEY
+    from test_serve import Server, _generated, _wait
 
-    folder = image_model.save_pretrained(tmp_path / "img")
+    folder = _model("image:32x32x1", 1024).save_pretrained(tmp_path / "img")
     s = Server(folder)
     try:
-        out = s.client().images.generate(model=str(folder), prompt="", size=SIZE, extra_body={"seed": 2})
-        assert _png(out.data[0].b64_json).size == (W, H)
-        assert base64.b64decode(out.data[0].b64_json) == base64.b64decode(
-            s.post("/v1/images/generations", {"seed": 2}).json()["data"][0]["b64_json"])
-        metrics = httpx.get(s.url + "/metrics").text
-        assert 'bytelm_requests_total{code="200",endpoint="/v1/images/generations"} 2.0' in metrics
+        top = np.random.default_rng(1).integers(0, 256, (30, 32), dtype=np.uint8)
+        out = s.client().images.generate(model=str(folder), prompt="", size="32x32",
+                                         extra_body={"seed": 2, "image": _b64_png(top)})
+        img = _png(out.data[0].b64_json)
+        assert img.size == (32, 32) and img.mode == "L" and (np.asarray(img)[:30] == top).all()
+        assert 'bytelm_requests_total{code="200",endpoint="/v1/images/generations"} 1.0' in \
+            httpx.get(s.url + "/metrics").text
+        before = _generated(s)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/images/generations", json={"n": 3}, timeout=2,
+                       headers={"Authorization": f"Bearer {SERVE_KEY}"})
+        _wait(s, lambda h: h["active_streams"] == 0 and h["queue_length"] == 0)
+        assert _generated(s) - before < 3 * 1024
     finally:
         s.kill()

@@ -41,6 +41,8 @@ from .protocol import (
     error_body,
 )
 
+DISCONNECT_CHECK_S = 1.0  # how often a request asks whether its client is still there
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -108,14 +110,20 @@ class Submission:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
     async def outputs(self, request: Request):
-        """The outputs until the last; a client that disconnects cancels the request."""
+        """The outputs until the last; a client that disconnects cancels the request (it is asked every second, also
+        while outputs keep coming: a non-streamed request, an image, sends nothing that would fail before the end)."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    out = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                    out = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
+                    out = None
+                if out is None or time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if out is None:
                     continue
                 yield out
                 if out.finish_reason is not None:
