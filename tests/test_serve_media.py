@@ -191,6 +191,27 @@ def test_each_endpoint_refuses_a_model_that_makes_something_else(images, text, s
     assert text.get("/v1/models").json()["data"][0]["modality"] == "bytes"
 
 
+def test_n_images_are_admitted_all_or_none():
+    """One stream running and room for one more: n=2 gets a 429 with Retry-After, and the one of its two that was
+    queued is withdrawn (the queue is empty again), not left to decode for nobody."""
+    import threading
+    import time
+
+    with _client(_model("image:16x16x1", 256), "one", max_streams=1, max_queue=1) as c:
+        running = threading.Thread(target=c.post, args=("/v1/images/generations",), kwargs={"json": {}})
+        running.start()
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["active_streams"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = c.post("/v1/images/generations", json={"n": 2})
+        running.join()
+        err = _error(r, 429)
+        assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+        assert c.get("/health").json() == {"status": "ok", "active_streams": 0, "queue_length": 0}
+        assert "bytelm_generated_bytes_total 256.0" in c.get("/metrics").text  # the running image's bytes only
+        assert c.post("/v1/images/generations", json={"n": 2}).status_code == 200
+
+
 def test_a_failed_generation_is_an_error_never_a_partial_image():
     """A model whose logits are NaN: a 500 with the engine's reason, no image, and the server serves on."""
     with _client(_model(f"image:{H}x{W}x{C}", H * W * C, nan=True), "nan") as c:
