@@ -19,8 +19,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 @dataclass
 class ServeArgs:
-    """Serves /v1/completions, /v1/chat/completions, /v1/models, /health and /metrics; every stream of every request
-    decodes in one continuous batch. Ctrl-C stops taking requests, lets running streams finish (up to
+    """Serves /v1/completions and /v1/chat/completions (a bytes model), /v1/images/generations (an image model: PNGs)
+    or /v1/audio/generations (an audio model: WAVs), and /v1/models, /health and /metrics; every stream of every
+    request decodes in one continuous batch. Ctrl-C stops taking requests, lets running streams finish (up to
     --drain-timeout) and exits."""
 
     model: ModelArg = None
@@ -73,8 +74,10 @@ def main(argv: list[str]) -> int:
     app = create_app(engine, name, args.api_key, ServerLimits(args.max_request_bytes,
                                                                   drain_timeout_s=args.drain_timeout))
     port = sock.getsockname()[1]  # --port 0: the one the system chose
+    media = model.config.media
+    what = "" if media is None else f", {media.describe()}"
     print(f"bytelm serve: {name} ({model.model_type}, {model.num_params() / 1e6:.1f}M params, context "
-          f"{model.config.max_seq_len} bytes) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
+          f"{model.config.max_seq_len} bytes{what}) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
     try:

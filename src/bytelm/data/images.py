@@ -16,6 +16,7 @@ other channels than the first is an error, as is a 16-bit or floating-point imag
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -151,15 +152,35 @@ def png_to_pixels(png: bytes, fmt: ImageFormat, fit: str = "none", where: str = 
 def top_rows(path: Path, fmt: ImageFormat, rows: int | None = None) -> bytes:
     """The pixels of the top `rows` rows of an image file, as an image model's prompt: the image must be as wide as
     the model's and no taller (channels are converted). rows: default all of a shorter image, half of a full one."""
-    img = open_image(path)
+    return _top_rows(open_image(path), fmt, rows, str(path), "--prompt-rows")
+
+
+def top_rows_of(blob: bytes, fmt: ImageFormat, rows: int | None = None, where: str = "the image",
+                rows_name: str = "rows") -> bytes:
+    """`top_rows` of an image file's bytes (PNG or any format Pillow reads), e.g. one a client sent; `rows_name`
+    is what its errors call `rows`."""
+    Image, _ = _pil()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(blob))
+            img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # Pillow names the file object
+        raise DataError(f"cannot read {where}: {why or type(e).__name__}") from None
+    return _top_rows(img, fmt, rows, where, rows_name)
+
+
+def _top_rows(img, fmt: ImageFormat, rows: int | None, where: str, rows_name: str) -> bytes:
     if img.width != fmt.width or img.height > fmt.height:
-        raise DataError(f"{path} is {img.height}x{img.width}: a prompt image for this {fmt.height}x{fmt.width} model "
-                        f"must be {fmt.width} pixels wide and at most {fmt.height} rows tall (its top rows)")
+        raise DataError(f"{where} is {img.height} rows of {img.width} pixels: a prompt image for this model "
+                        f"({fmt.height} rows of {fmt.width} pixels) must be {fmt.width} pixels wide and at most "
+                        f"{fmt.height} rows tall (its top rows)")
     if rows is None:
         rows = img.height if img.height < fmt.height else fmt.height // 2
     if not 1 <= rows <= min(img.height, fmt.height - 1):
-        raise DataError(f"--prompt-rows must be in 1..{min(img.height, fmt.height - 1)} for {path} ({img.height} "
+        raise DataError(f"{rows_name} must be in 1..{min(img.height, fmt.height - 1)} for {where} ({img.height} "
                         f"rows; the model's images have {fmt.height}), got {rows}")
-    _channels(img, str(path))  # 16-bit and float images refused, naming the file
+    _channels(img, where)  # 16-bit and float images refused, naming the file
     pixels = np.asarray(img.convert(MODES[fmt.channels]), dtype=np.uint8).reshape(img.height, fmt.width, -1)
     return pixels[:rows].tobytes()

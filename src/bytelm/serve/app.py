@@ -1,5 +1,7 @@
 """The FastAPI application: OpenAI's /v1/completions and /v1/chat/completions (streamed as server-sent events or
-not), /v1/models, /health and /metrics, over one `Engine` that batches every stream of every request.
+not) for a bytes model, OpenAI's /v1/images/generations (PNGs) for an image model, bytelm's /v1/audio/generations
+(WAVs) for an audio model, /v1/models, /health and /metrics, over one `Engine` that batches every stream of every
+request. An endpoint asked of a model that makes something else is a 400 naming the endpoint that fits.
 
 Faults are answered, never crashed on: a bad body is a 400 with OpenAI's error shape, a wrong or missing key a 401, a
 prompt that does not fit the context a 400, a full engine a 429 with Retry-After, an oversized body a 413. A client
@@ -22,17 +24,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from ..data import files
 from ..errors import GenerationError
 from ..generation.engine import ByteLogprob, Engine, EngineFull, Output, SamplingParams
+from . import media as served
 from .metrics import Metrics
 from .protocol import (
     CHAT_STOP,
+    ApiError,
+    AudioGenerationRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    ImageGenerationRequest,
     byte_token,
     chat_prompt,
     error_body,
 )
+
+DISCONNECT_CHECK_S = 1.0  # how often a request asks whether its client is still there
 
 
 @dataclass(frozen=True)
@@ -40,13 +49,6 @@ class ServerLimits:
     max_request_bytes: int = 1 << 20  # a request body larger than this gets 413
     retry_after_s: int = 1  # the Retry-After of a 429
     drain_timeout_s: float = 30.0  # on shutdown, running streams get this long to finish
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 class Guard:
@@ -108,14 +110,20 @@ class Submission:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
     async def outputs(self, request: Request):
-        """The outputs until the last; a client that disconnects cancels the request."""
+        """The outputs until the last; a client that disconnects cancels the request (it is asked every second, also
+        while outputs keep coming: a non-streamed request, an image, sends nothing that would fail before the end)."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    out = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+                    out = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
+                    out = None
+                if out is None or time.monotonic() - checked >= DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if out is None:
                     continue
                 yield out
                 if out.finish_reason is not None:
@@ -129,6 +137,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     """The server for one model. The app starts the engine's thread on startup and drains it on shutdown."""
     metrics = Metrics(engine)
     max_len = engine.max_len
+    media = engine.model.config.media  # None (bytes), an ImageFormat or an AudioFormat
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -181,12 +190,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "bytelm", "max_model_len": max_len}]}
+                                            "owned_by": "bytelm", "max_model_len": max_len,
+                                            "modality": served.modality(media)}]}
 
-    def params_of(body, prompt: bytes, max_new: int | None, logprobs: int | None, stops: tuple[bytes, ...]):
+    def check_model(body, want: str) -> None:
+        """A 404 for another model's name, a 400 when this model does not make what the endpoint gives."""
         if body.model not in (None, model_name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server has {model_name!r}",
                            param="model", code="model_not_found")
+        served.require(media, want)
+
+    def params_of(body, prompt: bytes, max_new: int | None, logprobs: int | None, stops: tuple[bytes, ...]):
+        check_model(body, "bytes")
         field = body.unsupported()
         if field is not None:
             raise ApiError(400, f"{field}: not supported by this server", param=field)
@@ -234,6 +249,75 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
         return {**head, "choices": [choice], "usage": usage(len(prompt), last.generated)}
 
+    @app.post("/v1/images/generations", dependencies=[Depends(check_key)])
+    async def image_generations(body: ImageGenerationRequest, request: Request):
+        """OpenAI's image generation: n whole images (or completions of the top rows of `image`), each a PNG."""
+        check_model(body, "image")
+        prompt = served.image_prompt(body, media)
+        made = await generate_n(request, body, prompt, media.seq_len - len(prompt))
+        if isinstance(made, Response):
+            return made
+        pngs = await asyncio.to_thread(lambda: [files.to_file(prompt + data, media) for data, _ in made])
+        return {"created": int(time.time()), "data": [{"b64_json": served.to_b64(png), "seed": seed}
+                                                      for png, (_, seed) in zip(pngs, made, strict=True)],
+                "size": served.image_size(media), "output_format": "png", "usage": media_usage(prompt, made)}
+
+    @app.post("/v1/audio/generations", dependencies=[Depends(check_key)])
+    async def audio_generations(body: AudioGenerationRequest, request: Request):
+        """bytelm's audio generation: n clips from nothing (or continuing `audio`), each a WAV of the model's rate and
+        sample format."""
+        check_model(body, "audio")
+        prompt, context, n = served.audio_request(body, media, max_len)
+        made = await generate_n(request, body, context, n)
+        if isinstance(made, Response):
+            return made
+        keep = prompt if body.echo else b""
+        wavs = await asyncio.to_thread(lambda: [files.to_file(keep + data, media) for data, _ in made])
+        return {"created": int(time.time()), "data": [{"b64_json": served.to_b64(wav), "seed": seed}
+                                                      for wav, (_, seed) in zip(wavs, made, strict=True)],
+                "output_format": "wav", "sample_rate": media.sample_rate, "sample_format": media.sample_format,
+                "usage": media_usage(context, made)}
+
+    async def generate_n(request: Request, body, prompt: bytes, n_bytes: int) -> list[tuple[bytes, int]] | Response:
+        """body.n streams of n_bytes each after `prompt`, one engine request each (they decode in one batch): the
+        bytes and seed of each, in order; or a 499 when the client has gone. All are admitted or none (429); one that
+        fails fails the request (500), the others cancelled: never a partial image or clip."""
+        if body.n > engine.max_streams + engine.max_queue:
+            raise ApiError(400, f"n: this server runs at most {engine.max_streams + engine.max_queue} streams at "
+                                f"once (running and queued), got {body.n}", param="n")
+        subs: list[Submission] = []
+        seeds = served.seeds(body.seed, body.n)
+        try:
+            for seed in seeds:
+                params = SamplingParams(max_new_bytes=n_bytes, temperature=body.temperature, top_k=body.top_k,
+                                        top_p=None if body.top_p >= 1 else body.top_p, seed=seed)
+                subs.append(Submission(engine, prompt, params, limits.retry_after_s))
+        except ApiError:
+            for sub in subs:
+                sub.req.cancel()
+            raise
+
+        async def collect(sub: Submission) -> tuple[bytes, Output | None]:
+            data, last = bytearray(), None
+            async for last in sub.outputs(request):
+                data += last.data
+                if last.finish_reason == "error":
+                    for other in subs:
+                        other.req.cancel()
+            return bytes(data), last
+
+        got = await asyncio.gather(*(collect(sub) for sub in subs))
+        for sub in subs:
+            observe_ttfb(sub)
+        failed = next((last for _, last in got if last is not None and last.finish_reason == "error"), None)
+        if failed is not None:
+            raise ApiError(500, f"generation failed: {failed.error}", "server_error")
+        if any(last is None or last.finish_reason != "length" for _, last in got):
+            return Response(status_code=499)  # the client has gone
+        if any(len(data) != n_bytes for data, _ in got):
+            raise ApiError(500, f"generation failed: a stream ended short of its {n_bytes} bytes", "server_error")
+        return [(data, seed) for (data, _), seed in zip(got, seeds, strict=True)]
+
     def observe_ttfb(sub: Submission) -> None:
         if sub.req.first_byte_at is not None:
             metrics.ttfb.observe(sub.req.first_byte_at - sub.req.arrived)
@@ -278,6 +362,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def media_usage(prompt: bytes, made: list[tuple[bytes, int]]) -> dict:
+    """The images API's usage, in bytes over all n streams: the prompt bytes each read, the bytes each made."""
+    read, out = len(prompt) * len(made), sum(len(data) for data, _ in made)
+    return {"input_tokens": read, "output_tokens": out, "total_tokens": read + out,
+            "input_tokens_details": {"image_tokens": read, "text_tokens": 0}}
 
 
 def usage(prompt_bytes: int, generated: int) -> dict:

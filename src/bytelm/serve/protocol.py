@@ -1,5 +1,5 @@
-"""OpenAI's request and response shapes for /v1/completions and /v1/chat/completions, as pydantic models, and the
-byte-level chat template.
+"""OpenAI's request and response shapes for /v1/completions, /v1/chat/completions and /v1/images/generations (and
+bytelm's /v1/audio/generations), as pydantic models, and the byte-level chat template.
 
 Bytes are tokens here: `max_tokens` counts bytes, usage counts bytes, and a prompt may be given as a list of
 integers 0..255 (the bytes themselves) as well as text. Fields OpenAI has and a byte model cannot honour (penalties,
@@ -102,6 +102,62 @@ class ChatCompletionRequest(_Common):
         return "tools" if self.tools else super().unsupported()
 
 
+# --- images and sound -----------------------------------------------------------------------------------------------
+# An image or audio model makes pixels or samples, not text, and nothing conditions it but the start of its own
+# output: a text `prompt` is refused (not ignored), and the top rows of an image (`image`) or the start of a clip
+# (`audio`) are the only prompts. Each of `n` outputs is one engine stream; image i of a seeded request uses seed
+# (seed + i) mod 2**64, so it is the image a request for one with that seed gets.
+MAX_OUTPUTS = 10  # n: as OpenAI's images API
+MAX_SEED = 2**64 - 1
+
+
+class _MediaCommon(BaseModel):
+    model_config = ConfigDict(extra="allow")  # clients send fields of newer API versions: accepted, unused
+
+    model: str | None = None
+    prompt: str = ""  # must be empty (or absent): these models are not text-conditioned
+    n: Annotated[int, Field(ge=1, le=MAX_OUTPUTS)] = 1
+    response_format: Literal["b64_json", "url"] | None = None  # "url": refused, nothing is hosted
+    user: str | None = None
+    stream: bool = False
+    # bytelm's extensions: sampling, as /v1/completions
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=1, le=256)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+
+    def unsupported(self) -> str | None:
+        return "stream" if self.stream else None
+
+
+class ImageGenerationRequest(_MediaCommon):
+    """OpenAI's POST /v1/images/generations, for a model of one image size; `image` and `prompt_rows` are bytelm's:
+    an image (base64 PNG, ...) whose top rows the model completes."""
+
+    size: str | None = None  # OpenAI's WIDTHxHEIGHT; absent or "auto": the model's (any other is refused)
+    output_format: Literal["png"] | None = None
+    quality: str | None = None
+    style: str | None = None
+    image: str | None = None
+    prompt_rows: Annotated[int, Field(ge=1)] | None = None
+
+    def unsupported(self) -> str | None:
+        if self.quality not in (None, "auto", "standard"):
+            return "quality"
+        return "style" if self.style is not None else super().unsupported()
+
+
+class AudioGenerationRequest(_MediaCommon):
+    """bytelm's POST /v1/audio/generations: sound from nothing, or continuing `audio` (a base64 WAV, FLAC, ...);
+    `seconds` or `max_bytes` of it (default: 1 s, or what the context holds)."""
+
+    seconds: Annotated[float, Field(gt=0, le=86400)] | None = None
+    max_bytes: Annotated[int, Field(ge=1)] | None = None
+    audio: str | None = None
+    echo: bool = True  # the returned clip starts with the prompt clip (as the model hears it), as `bytelm generate`
+    output_format: Literal["wav"] | None = None
+
+
 # --- the chat template --------------------------------------------------------------------------------------------
 # A byte model reads bytes, so the template is plain text; a turn ends where the next role marker would begin, which
 # is also the chat endpoint's stop sequence: the model's reply ends at its first "\n<|".
@@ -115,6 +171,15 @@ def chat_prompt(messages: list[ChatMessage]) -> bytes:
     roles = {"developer": "system"}
     turns = "".join(CHAT_TURN.format(role=roles.get(m.role, m.role), content=m.text()) for m in messages)
     return (turns + CHAT_REPLY).encode("utf-8")
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body (`error_body`) and this HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
