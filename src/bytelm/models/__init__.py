@@ -1,7 +1,8 @@
 """Models: typed configs with presets, the `ByteLM` interface, MEGABYTE, the byte transformer baseline, one registry
 of model types, and loading/saving model folders. Importing this package registers every model type."""
 
-from .base import ByteLM, byte_loss
+from .base import ByteLM
+from .loss import byte_loss
 from .config import VOCAB_SIZE, MegabyteConfig, ModelConfig, TransformerConfig
 from .megabyte import Megabyte, MegabyteState
 from .persistence import load_model, read_config, save_model, write_card

@@ -6,7 +6,9 @@ instead of being allocated.
     gradients      one per trained parameter (fp32); under torchrun, DDP's gradient buckets hold another copy
     optimizer      AdamW: two moments per parameter; Muon: one momentum per matrix it trains
     activations    what the forward pass keeps for the backward pass, measured for one sequence on the meta device,
-                   times the batch, times ACTIVATION_FACTOR; plus bf16 autocast's copies of the weights
+                   scaled to the batch, times ACTIVATION_FACTOR; plus bf16 autocast's copies of the weights. With
+                   activation checkpointing: what stays between the recomputed segments (blocks, chunks of the
+                   chunked loss) and the largest segment, recomputed (bytelm.models.memory.Activations)
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def training_parts(model_config, batch: int, seq_len: int, optimizer: str, preci
         weights += 4 * sum(math.prod(s) for s in trained.values())
     numel = sum(math.prod(s) for s in trained.values())
     by_muon = sum(math.prod(s) for n, s in trained.items() if optimizer == "muon" and len(s) == 2 and in_blocks(n))
-    acts = training_activations(model_config, seq_len, lora).nbytes(1, activation_checkpointing)
-    activations = int(batch * ACTIVATION_FACTOR * acts)
+    acts = training_activations(model_config, seq_len, lora).nbytes(batch, activation_checkpointing)
+    activations = int(ACTIVATION_FACTOR * acts)
     if uses_bf16(precision, device):  # and autocast keeps a bf16 copy of every Linear weight for the step
         activations = int(activations * BF16_ACTIVATIONS) + sum(2 * m.weight.numel() for m in skel.modules()
                                                                 if isinstance(m, nn.Linear))

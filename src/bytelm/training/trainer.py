@@ -34,6 +34,7 @@ from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from ..io import atomic_write_text, checkpoint_steps, latest_checkpoint
 from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
+from ..models.loss import LOSS_CHUNK_BYTES
 from ..nn import Block
 from . import metrics
 from .checkpointing import check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
@@ -48,11 +49,17 @@ LN2 = math.log(2)
 log_line = functools.partial(print, flush=True)  # flushed: progress shows up promptly in a piped log too
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them (long sequences)."""
+def enable_activation_checkpointing(model: torch.nn.Module, chunk_bytes: int | None = LOSS_CHUNK_BYTES) -> None:
+    """Recompute activations in the backward pass instead of storing them (long sequences): each transformer block's,
+    and with `chunk_bytes` the loss chunk by chunk of that many bytes (`ByteLM.loss_chunk_bytes`: never the whole
+    logits; MEGABYTE's local model inside each chunk, so its blocks are not checkpointed a second time). `model`: a
+    ByteLM, or a wrapper holding one (a LoRA fine-tune's peft model)."""
+    lm = next(m for m in model.modules() if isinstance(m, ByteLM))
+    inside = {id(b) for name in lm.chunked_stacks for b in lm.get_submodule(name).modules()} if chunk_bytes else set()
     for m in model.modules():
-        if isinstance(m, Block):
+        if isinstance(m, Block) and id(m) not in inside:
             m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+    lm.loss_chunk_bytes = chunk_bytes
 
 
 class Trainer:
@@ -315,7 +322,10 @@ class Trainer:
         compiles (forward and backward); if that fails, one warning line and the run goes on uncompiled."""
         try:
             with no_sync(self.forward, sync), self.autocast:
-                loss = byte_loss(self.forward(x), x) / self.cfg.grad_accum
+                if self.cfg.activation_checkpointing:  # the model's chunked loss: never the whole logits at once
+                    loss = self.forward(x, loss="mean") / self.cfg.grad_accum
+                else:
+                    loss = byte_loss(self.forward(x), x) / self.cfg.grad_accum
             loss.backward()
         except Exception as e:
             if not self.compile_pending:
