@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import generation, long_context, quality, serving, suites, swarm, training
+from . import generation, long_context, long_training, quality, serving, suites, swarm, training
 from .common import RESULTS, machine
 
-BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context, "quality": quality,
-              "serving": serving, "swarm": swarm}
+BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context,
+              "long_training": long_training, "quality": quality, "serving": serving, "swarm": swarm}
 
 
 def summary(results: dict, suite: suites.Suite, out: Path) -> str:

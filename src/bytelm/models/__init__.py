@@ -2,8 +2,8 @@
 of model types, and loading/saving model folders. Importing this package registers every model type."""
 
 from .base import ByteLM
-from .loss import byte_loss
 from .config import VOCAB_SIZE, MegabyteConfig, ModelConfig, TransformerConfig
+from .loss import byte_loss
 from .megabyte import Megabyte, MegabyteState
 from .persistence import load_model, read_config, save_model, write_card
 from .registry import ModelSpec, build, config_class, config_from_dict, get_spec, model_types, register

@@ -213,15 +213,16 @@ class Activations:
             return batch * self.saved
         # a chunk covers `chunk_bytes` of the whole batch: it grows with the batch only while the batch is smaller
         one = min(self.seq_len, self.chunk_bytes)
-        chunk = self.chunk * min(batch * self.seq_len, max(self.chunk_bytes, one)) // one
+        chunk = self.chunk * min(batch * self.seq_len, self.chunk_bytes) // one
         return batch * self.kept + max(batch * self.block, chunk)
 
 
-def _saved_by_segment(model: nn.Module, x: torch.Tensor, params: set[int], chunked: bool) -> dict[str, int]:
+def _saved_by_segment(model: nn.Module, x: torch.Tensor, params: set[int], chunked: bool
+                      ) -> dict[str, int]:
     """One forward pass and loss of `model` (a skeleton) on x, in bytes: all autograd saves (`total`), what it saves
-    outside every segment (`outside`), the segments' inputs (`inputs`), the largest `block` and `chunk`. Segments: the transformer blocks, and with `chunked` the
-    chunks of the chunked loss (measured through `ByteLM.recompute`, run here without checkpointing), whose inner
-    blocks belong to the chunk."""
+    outside every segment (`outside`), the segments' inputs (`inputs`), the largest `block` and `chunk`. Segments:
+    the transformer blocks, and with `chunked` the chunks of the chunked loss (measured through `ByteLM.recompute`,
+    run here without checkpointing), whose inner blocks belong to the chunk."""
     saved: dict[int, tuple[torch.UntypedStorage, tuple[str, int]]] = {}  # storage -> (storage, segment)
     inputs: dict[int, int] = {}  # storage of a segment's input -> bytes (each storage once: views share one)
     current = [("", -1)]  # the segment running now (kind, index; -1: none)
