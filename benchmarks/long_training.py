@@ -89,10 +89,13 @@ def measure(config: dict, length: int, checkpointing: bool, timeout: float) -> d
 
 
 def series(cfg, checkpointing: bool, lengths: list[int], limit: float) -> dict[int, dict]:
-    rows, done = {}, []
+    rows, done, failed = {}, [], None
     for L in lengths:
         if L > cfg.max_seq_len:
             rows[L] = {"status": f"longer than max_seq_len {cfg.max_seq_len}"}
+            continue
+        if failed is not None:  # a shorter one ran out of time or memory: a longer one would too
+            rows[L] = {"status": f"skipped: {failed:,} bytes {rows[failed]['status']}"}
             continue
         need = estimate(cfg.to_dict(), L, checkpointing)
         avail, _ = available_memory("cpu")
@@ -113,6 +116,8 @@ def series(cfg, checkpointing: bool, lengths: list[int], limit: float) -> dict[i
         print(f"  {L:>9,} bytes, checkpointing {checkpointing}: {json.dumps(r)}", flush=True)
         if r["status"] == "ok":
             done.append((L, r["seconds"]))
+        else:
+            failed = L
     return rows
 
 

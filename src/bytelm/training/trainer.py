@@ -39,7 +39,7 @@ from ..nn import Block
 from . import metrics
 from .checkpointing import check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
 from .config import TrainConfig
-from .memory import training_parts
+from .memory import map_large_allocations, training_parts
 from .optim import make_optimizer, optimizer_state, optimizer_tensors, state_shape_problems
 from .parallel import ParallelEnv, no_sync, wrap_model
 from .precision import autocast_for
@@ -104,6 +104,8 @@ class Trainer:
 
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+            if self.device.type == "cpu":  # chunk after chunk of the same tensors: keep glibc from hoarding them
+                map_large_allocations()
         self.eager_forward = self.forward = wrap_model(self.model, self.env)
         # compiled on its first call (the first micro-step); a failure there falls back to eager (`_micro_step`)
         self.compile_pending = cfg.compile
