@@ -11,7 +11,9 @@ benchmarks/long_context.py: the step's peak resident set (Linux VmHWM, reset aft
 state) minus the resident set before it, and the whole process's peak over what it held before the model was built.
 A run whose time, predicted from its series' measured lengths, would exceed `long_train_time_limit` is skipped and
 recorded as such, as is one whose memory estimate exceeds the memory available (it would be refused by `bytelm
-train`; running it would only wake the OOM killer, on a machine others share).
+train`; running it would only wake the OOM killer, on a machine others share). The steps run with the allocator's
+defaults: `bytelm train --activation-checkpointing` also maps large allocations on a CPU
+(bytelm.training.memory.map_large_allocations), which lowers the checkpointed peaks measured here.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def markdown(p: dict) -> str:
              "Peak MB: the step's peak resident set over what the process held before it (weights and optimizer "
              "state already made); process: the whole process's peak over what it held before the model was built, "
              "against bytelm's estimate of the run (what `bytelm train` checks).", "",
+             *([p["note"], ""] if p.get("note") else []),
              "| model | bytes | seconds | peak MB (step) | peak MB (process) | estimate MB |",
              "|---|---|---|---|---|---|"]
     for n, m in p["models"].items():
