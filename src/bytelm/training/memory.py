@@ -28,7 +28,7 @@ from .precision import uses_bf16
 # presets at batch 4-16): 1.65-1.8x the saved bytes (1.2-1.4x with glibc returning freed memory at once); with
 # activation checkpointing 2.8-3.4x what it keeps. 1.5x keeps the whole estimate at 0.76-1.04x a real step's peak RSS
 # (0.97x in bf16, ~0.6x with checkpointing): the check refuses what cannot fit, not a run that would. With the chunked
-# loss (activation checkpointing, since 0.4) and large allocations mapped (map_large_allocations): 1.99 GB estimated
+# loss (activation checkpointing) and large allocations mapped (map_large_allocations): 1.99 GB estimated
 # for `bytelm train` on one 1,048,576-byte sequence (MEGABYTE P=32, 3.3M params, fp32), whose whole process peaked at
 # 1.80 GB (/usr/bin/time -v); with glibc's default allocator the same step peaked at 6.3 GB (its heap grows chunk
 # after chunk; benchmarks/results/full/long_training.md).
