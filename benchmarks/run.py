@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import generation, long_context, quality, serving, suites, swarm, training
+from . import generation, long_context, long_training, quality, serving, suites, swarm, training
 from .common import RESULTS, machine
 
-BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context, "quality": quality,
-              "serving": serving, "swarm": swarm}
+BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context,
+              "long_training": long_training, "quality": quality, "serving": serving, "swarm": swarm}
 
 
 def summary(results: dict, suite: suites.Suite, out: Path) -> str:
@@ -75,6 +75,15 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
 
         rows.append(f"| one forward over long inputs: time growth (equal params) | {cost(a)} | ByteTransformer: "
                     f"{cost(b)} | see long_context.md |")
+    lt = results.get("long_training")
+    if lt:
+        ok = [(int(L), r, n) for n, mm in lt["models"].items() if mm["checkpointing"] and "MEGABYTE" in n
+              for L, r in mm["runs"].items() if r["status"] == "ok"]
+        if ok:
+            L, r, n = max(ok, key=lambda t: t[0])
+            rows.append(f"| one training step on {L:,} bytes (batch 1, fp32, activation checkpointing) | "
+                        f"{r['seconds']:,.0f} s, peak {r['process_peak_mb'] / 1024:,.1f} GiB | {n} | see "
+                        "long_training.md |")
     q = results.get("quality")
     if q:
         r = q["results"]

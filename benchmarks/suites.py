@@ -11,6 +11,10 @@ The shapes (chosen for a 2-core CPU, not a GPU):
   Table 9 (a 1.3B+218M MEGABYTE against a 350M transformer: 4.3x).
 - `long_megabyte` / `long_transformer`: a small MEGABYTE with a larger patch (P=16) and the transformer of equal
   parameters, for one forward pass over up to 1,048,576 bytes.
+- `long_train_megabyte` / `long_train_transformer`: the same widths with P=32 (the paper's patch for its long audio
+  sequences), for one training step over up to 1,048,576 bytes: the global model's attention over K = T/P patches
+  is the step's quadratic cost, and P=32 halves K, quartering it (32,768 patches at 1M bytes), where P=16's
+  forward alone took 143 s (long_context.md); the transformer of equal parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 from bytelm import MegabyteConfig, TransformerConfig
 
 MB = dict(patch_size=8, global_dim=256, global_layers=8, global_heads=4, local_dim=64, local_layers=2, local_heads=2)
+LONG_TRAIN_MB = dict(patch_size=32, global_dim=256, global_layers=4, global_heads=4, local_dim=64, local_layers=2,
+                     local_heads=2)
 LONG_MB = dict(patch_size=16, global_dim=256, global_layers=4, global_heads=4, local_dim=64, local_layers=2,
                local_heads=2)
 
@@ -46,6 +52,11 @@ class Suite:
     # long sequences
     long_lengths: list[int] = field(default_factory=lambda: [8192, 65536, 262144, 1048576])
     long_time_limit: float = 600.0  # seconds for one forward; longer ones are predicted from the fit and skipped
+    # long sequences, one training step (benchmarks/long_training.py); None: the long_* models' widths, P=32
+    long_train_megabyte: MegabyteConfig | None = None
+    long_train_transformer: TransformerConfig | None = None
+    long_train_lengths: list[int] = field(default_factory=lambda: [8192, 32768, 131072, 524288, 1048576])
+    long_train_time_limit: float = 900.0  # seconds for one step; longer ones are predicted from the fit and skipped
     # quality at equal wall-clock
     quality_seconds: float = 300.0
     quality_seq_len: int = 1024
@@ -58,6 +69,12 @@ class Suite:
     serve_rounds: int = 3  # requests per stream (closed loop)
     serve_max_len: int = 1024  # the models' context while serving (sizes the preallocated caches)
     swarm_bytes: int = 256  # generated per run through the swarm (benchmarks/swarm.py)
+
+    def __post_init__(self) -> None:
+        if self.long_train_megabyte is None:
+            self.long_train_megabyte = MegabyteConfig(max_seq_len=self.long_megabyte.max_seq_len, **LONG_TRAIN_MB)
+        if self.long_train_transformer is None:
+            self.long_train_transformer = self.long_transformer
 
 
 def _pair(seq: int, **mb) -> tuple[MegabyteConfig, TransformerConfig, TransformerConfig]:
@@ -76,7 +93,8 @@ def get(name: str) -> Suite:
         return Suite("quick", mb, teq, tgen, MegabyteConfig(max_seq_len=1 << 16, **LONG_MB),
                      TransformerConfig(max_seq_len=1 << 16, dim=256, layers=4, heads=4),
                      gen_bytes=2048, gen_repeats=2, peer_gen_bytes=256, peer_points=9, train_steps=3,
-                     train_repeats=2, long_lengths=[8192, 32768], long_time_limit=60.0, quality_seconds=60.0,
+                     train_repeats=2, long_lengths=[8192, 32768], long_time_limit=60.0,
+                     long_train_lengths=[8192, 32768, 65536], long_train_time_limit=60.0, quality_seconds=60.0,
                      quality_eval_windows=32, serve_bytes=128, serve_rounds=2)
     if name == "smoke":
         tiny_mb = MegabyteConfig.from_name("tiny", max_seq_len=256)
@@ -86,7 +104,9 @@ def get(name: str) -> Suite:
                          "tiny", max_seq_len=1024),
                      gen_bytes=64, gen_repeats=1, peer_gen_bytes=16, peer_points=3, train_seq_len=64, train_batch=2,
                      train_steps=2, train_repeats=1, train_compile=False, long_lengths=[256, 1024],
-                     long_time_limit=20.0,
+                     long_time_limit=20.0, long_train_megabyte=MegabyteConfig.from_name("tiny", max_seq_len=1024),
+                     long_train_transformer=TransformerConfig.from_name("tiny", max_seq_len=1024),
+                     long_train_lengths=[256, 1024], long_train_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
                      serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256)
     raise SystemExit(f"unknown suite {name!r}: choose quick, full or smoke")

@@ -49,6 +49,15 @@ def test_long_context_records_every_length(smoke):
         assert all(r["status"] == "ok" and r["seconds"] > 0 for r in m["runs"].values())
 
 
+def test_long_training_records_every_length_with_its_estimate(smoke):
+    _, results = smoke
+    lt = results["long_training"]
+    assert {m["checkpointing"] for m in lt["models"].values()} == {True, False}
+    for m in lt["models"].values():
+        assert set(m["runs"]) == {str(L) for L in suites.get("smoke").long_train_lengths}
+        assert all(r["status"] == "ok" and r["seconds"] > 0 and r["estimate_mb"] > 0 for r in m["runs"].values())
+
+
 def test_quality_trains_every_model(smoke):
     _, results = smoke
     for r in results["quality"]["results"].values():

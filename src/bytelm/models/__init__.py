@@ -1,8 +1,9 @@
 """Models: typed configs with presets, the `ByteLM` interface, MEGABYTE, the byte transformer baseline, one registry
 of model types, and loading/saving model folders. Importing this package registers every model type."""
 
-from .base import ByteLM, byte_loss
+from .base import ByteLM
 from .config import VOCAB_SIZE, MegabyteConfig, ModelConfig, TransformerConfig
+from .loss import byte_loss
 from .megabyte import Megabyte, MegabyteState
 from .persistence import load_model, read_config, save_model, write_card
 from .registry import ModelSpec, build, config_class, config_from_dict, get_spec, model_types, register

@@ -22,16 +22,23 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import generation
 from . import memory, persistence
 from .config import VOCAB_SIZE
-from .loss import byte_loss
 
 
 class ByteLM(nn.Module):
     config_class: type = None  # set by subclasses
     spec = None  # the model type's registry entry (bytelm.models.registry.ModelSpec), set by register()
+    # The chunked loss (long sequences; bytelm.training's activation checkpointing turns it on): with a number of bytes
+    # here, `model(x, loss=...)` computes the loss chunk by chunk of about that many bytes, each chunk's activations
+    # recomputed in the backward pass, never the whole logits at once. None: the logits whole, then their loss.
+    loss_chunk_bytes: int | None = None
+    # The stacks the chunked loss runs inside its chunks (MEGABYTE's local model): recomputed chunk by chunk already,
+    # so activation checkpointing leaves their blocks alone instead of recomputing them a second time.
+    chunked_stacks: tuple[str, ...] = ()
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -88,8 +95,18 @@ class ByteLM(nn.Module):
             raise ValueError(f"byte values must be in 0..255, got min {int(x.min())}, max {int(x.max())}")
 
     def loss(self, x: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy in nats over every byte of x, byte 0 included. bits per byte = loss / ln 2."""
-        return byte_loss(self(x), x, reduction)
+        """Cross-entropy in nats over every byte of x, byte 0 included. bits per byte = loss / ln 2. Every model's
+        `forward(x, loss=reduction)` computes it (chunked where `loss_chunk_bytes` is set): through `forward`, so that
+        a DDP or compiled wrapper of the model computes it too."""
+        return self(x, loss=reduction)
+
+    def recompute(self, fn, *args) -> torch.Tensor:
+        """`fn(*args)`, keeping none of its activations: the backward pass runs it again (one chunk of the chunked
+        loss). Without grad there is no backward pass to keep anything for. The memory estimate measures each chunk
+        through this seam (bytelm.models.memory)."""
+        if not torch.is_grad_enabled():
+            return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     @staticmethod
     def bits_per_byte(loss_nats: float) -> float:

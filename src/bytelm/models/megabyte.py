@@ -37,6 +37,7 @@ from torch import nn
 from ..nn import Dropout, KVCache, TransformerStack, init_weights
 from .base import ByteLM
 from .config import VOCAB_SIZE, MegabyteConfig
+from .loss import byte_loss, chunked_byte_loss
 from .registry import ModelSpec, register
 
 
@@ -71,6 +72,7 @@ def _positions(values: list[int], device) -> int | torch.Tensor:
 
 class Megabyte(ByteLM):
     config_class = MegabyteConfig
+    chunked_stacks = ("local_model",)  # the chunked loss runs the local model chunk by chunk
 
     def __init__(self, config: MegabyteConfig) -> None:
         super().__init__(config)
@@ -162,23 +164,45 @@ class Megabyte(ByteLM):
         return flat.unfold(1, self.window, P).permute(0, 1, 3, 2).reshape(B * K, self.window, D)
 
     # --- training / scoring -------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loss: str | None = None) -> torch.Tensor:
+        """Logits (B, T, 256); with `loss` a reduction (mean, sum, none), the loss in nats instead (`byte_loss` of
+        the logits), chunk by chunk of patches where `loss_chunk_bytes` is set: the global model runs over every
+        patch, then the local model, the head and the cross-entropy over one chunk of patches at a time, each chunk
+        recomputed in the backward pass. Nothing local is ever held for more than one chunk."""
         if not torch.compiler.is_compiling():
             self.check_input(x)
         x = x.long()
         B, T = x.shape
         P, G = self.config.patch_size, self.config.global_dim
         K = -(-T // P)
-        if K * P != T:  # pad the last patch; causality keeps the padding out of every real prediction
-            x = F.pad(x, (0, K * P - T))
+        xp = F.pad(x, (0, K * P - T)) if K * P != T else x  # the last patch padded: causality keeps it out
         # global: pad patch, then patches 0..K-2 (the last patch is never input: nothing after it is predicted)
-        g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(x[:, : (K - 1) * P], 0)), dim=1)
+        g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(xp[:, : (K - 1) * P], 0)), dim=1)
         g_out = self.global_model(self.drop(g_in))  # (B, K, G)
-        # local: every patch's window independently; its last P outputs predict the patch
-        ctx = self._ctx_windows(self._to_local(g_out))  # (B*K, P or L, D_L)
-        h = self._local_in(self._windows(x), ctx, 0)  # (B*K, L, D_L)
-        l_out = self.local_model(self.drop(h))[:, self.first :]  # (B*K, P, D_L)
-        return self.lm_head(l_out).view(B, K * P, VOCAB_SIZE)[:, :T]
+        win = self._windows(xp)  # (B*K, L) byte indices: no grad, 8 bytes a position
+        if loss is not None and self.loss_chunk_bytes is not None:
+            def chunk(i: int, j: int) -> torch.Tensor:  # per-byte losses (B, m) of the real bytes of patches i..j-1
+                logits = self._local_logits(g_out, win.view(B, K, -1)[:, i:j].flatten(0, 1), i, j)
+                return byte_loss(logits, xp[:, i * P : j * P], "none").view(B, -1)[:, : T - i * P]
+
+            step = max(1, self.loss_chunk_bytes // (B * P))  # patches per chunk
+            return chunked_byte_loss(chunk, K, step, B * T, loss, self.recompute)
+        logits = self._local_logits(g_out, win, 0, K)[:, :T]  # (B, T, 256)
+        return logits if loss is None else byte_loss(logits, x, loss)
+
+    def _local_logits(self, g_out: torch.Tensor, win: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        """The local model over patches i..j-1 of every row: their windows win (B*n, L), n = j - i, and the global
+        outputs g_out (B, K, G) of all patches -> logits (B, n*P, 256) of their bytes."""
+        B, n = g_out.shape[0], j - i
+        # with context_global a window's first positions take the contributions of earlier patches: enough of them
+        # (`back`) that every position of windows i..j-1 gets its own; windows before i are made and dropped
+        back = -(-self.first // self.config.patch_size) if self.config.context_global else 0
+        lo = max(i - back, 0)
+        ctx = self._ctx_windows(self._to_local(g_out[:, lo:j]))  # (B*(j-lo), P or L, D_L)
+        ctx = ctx.unflatten(0, (B, j - lo))[:, i - lo :].flatten(0, 1)  # (B*n, P or L, D_L)
+        h = self._local_in(win, ctx, 0)  # (B*n, L, D_L)
+        l_out = self.local_model(self.drop(h))[:, self.first :]  # (B*n, P, D_L): the last P outputs predict the patch
+        return self.lm_head(l_out).view(B, n * self.config.patch_size, VOCAB_SIZE)
 
     # --- incremental decoding: global model once per patch, local model once per byte ----------------------------
     def new_state(self, batch: int, max_len: int) -> MegabyteState:

@@ -27,7 +27,7 @@ from ..devices import check_memory
 from ..errors import ConfigError
 from ..nn import Block, TransformerStack
 from . import registry
-from .loss import byte_loss
+from .loss import LOSS_CHUNK_BYTES
 
 _INIT_FUNCTIONS = {"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                    "xavier_normal_", "orthogonal_"}
@@ -189,14 +189,94 @@ def lora_shapes(config, target: str, rank: int) -> dict[str, tuple[int, ...]]:
 class Activations:
     """What one training sequence of `seq_len` bytes keeps for the backward pass (batch 1: it scales with the batch),
     measured on a skeleton's forward pass and loss: every tensor autograd saves, each storage once, weights left
-    out; fp32."""
+    out; fp32.
+
+    With activation checkpointing (bytelm.training.enable_activation_checkpointing) the step keeps what runs outside
+    the recomputed segments, and each segment's inputs; in the backward pass one segment at a time is recomputed and
+    holds all it saves: a transformer block (of a stack not run in chunks), or one chunk of the chunked loss
+    (`LOSS_CHUNK_BYTES` bytes of the batch: MEGABYTE's local model, the head and the cross-entropy)."""
 
     seq_len: int
     saved: int  # bytes saved, no activation checkpointing
-    checkpointed: int  # bytes with each transformer block recomputed in the backward pass
+    kept: int  # with checkpointing: saved outside the segments, plus every segment's inputs
+    block: int  # with checkpointing: the largest block, recomputed in the backward pass
+    chunk: int  # with checkpointing: the largest chunk of the chunked loss, recomputed in the backward pass
+    chunk_bytes: int = LOSS_CHUNK_BYTES  # the bytes of the batch one chunk covers
+
+    @property
+    def checkpointed(self) -> int:
+        """Bytes with activation checkpointing, batch 1: what is kept, plus the largest segment recomputed."""
+        return min(self.kept + max(self.block, self.chunk), self.saved)
 
     def nbytes(self, batch: int, checkpointing: bool = False) -> int:
-        return batch * (self.checkpointed if checkpointing else self.saved)
+        if not checkpointing:
+            return batch * self.saved
+        # a chunk covers `chunk_bytes` of the whole batch: it grows with the batch only while the batch is smaller
+        one = min(self.seq_len, self.chunk_bytes)
+        chunk = self.chunk * min(batch * self.seq_len, self.chunk_bytes) // one
+        return batch * self.kept + max(batch * self.block, chunk)
+
+
+def _saved_by_segment(model: nn.Module, x: torch.Tensor, params: set[int], chunked: bool
+                      ) -> dict[str, int]:
+    """One forward pass and loss of `model` (a skeleton) on x, in bytes: all autograd saves (`total`), what it saves
+    outside every segment (`outside`), the segments' inputs (`inputs`), the largest `block` and `chunk`. Segments:
+    the transformer blocks, and with `chunked` the chunks of the chunked loss (measured through `ByteLM.recompute`,
+    run here without checkpointing), whose inner blocks belong to the chunk."""
+    saved: dict[int, tuple[torch.UntypedStorage, tuple[str, int]]] = {}  # storage -> (storage, segment)
+    inputs: dict[int, int] = {}  # storage of a segment's input -> bytes (each storage once: views share one)
+    current = [("", -1)]  # the segment running now (kind, index; -1: none)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if id(st) not in params and id(st) not in saved:
+            saved[id(st)] = (st, current[0])
+        return t
+
+    def enter(segment, tensors) -> tuple[str, int]:
+        outer = current[0]
+        if outer[1] < 0:  # a block inside a chunk belongs to the chunk
+            current[0] = segment
+            for t in tensors:
+                inputs[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+        return outer
+
+    def enter_block(module, args, i):
+        enter(("block", i), args[:1])
+
+    hooks, chunks = [], [0]
+    inside = {id(b) for name in getattr(model, "chunked_stacks", ()) for b in model.get_submodule(name).modules()}
+    for i, block in enumerate(m for m in model.modules() if isinstance(m, Block)):
+        if chunked and id(block) in inside:
+            continue
+        hooks += [block.register_forward_pre_hook(functools.partial(enter_block, i=i)),
+                  block.register_forward_hook(lambda module, args, out: current.__setitem__(0, ("", -1)))]
+    if chunked:
+        def recompute(fn, *args):
+            chunks[0] += 1
+            # a chunk reads the tensors it closes over (the global outputs, the windows): what checkpointing keeps
+            outer = enter(("chunk", chunks[0]), [c.cell_contents for c in fn.__closure__ or ()
+                                                 if isinstance(c.cell_contents, torch.Tensor)])
+            try:
+                return fn(*args)
+            finally:
+                current[0] = outer
+
+        model.loss_chunk_bytes, model.recompute = LOSS_CHUNK_BYTES, recompute
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x, loss="mean")
+    finally:
+        for h in hooks:
+            h.remove()
+        if chunked:
+            del model.loss_chunk_bytes, model.recompute
+    per: dict[tuple[str, int], int] = {}
+    for st, segment in saved.values():
+        per[segment] = per.get(segment, 0) + st.nbytes()
+    total = sum(per.values())
+    largest = {kind: max((n for (k, _), n in per.items() if k == kind), default=0) for kind in ("block", "chunk")}
+    return dict(total=total, outside=per.get(("", -1), 0), inputs=sum(inputs.values()), **largest)
 
 
 @functools.lru_cache(maxsize=16)
@@ -205,24 +285,7 @@ def _activations(config_json: str, seq_len: int, lora: tuple[str, int, float] | 
     config = registry.config_from_dict(json.loads(config_json))
     model = build_skeleton(config).train()
     params = {id(p.untyped_storage()) for p in model.parameters()}
-    saved: dict[int, tuple[torch.UntypedStorage, int]] = {}  # storage id -> (storage, the block it was saved in)
-    block_inputs: dict[int, int] = {}  # block -> bytes of its input (what checkpointing keeps of it)
-    current = [-1]  # the block running now (-1: none)
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if id(st) not in params and id(st) not in saved:
-            saved[id(st)] = (st, current[0])
-        return t
-
     hooks = []
-    for i, block in enumerate(m for m in model.modules() if isinstance(m, Block)):
-        def enter(module, args, i=i):
-            current[0] = i
-            block_inputs[i] = block_inputs.get(i, 0) + args[0].nbytes
-
-        hooks += [block.register_forward_pre_hook(enter),
-                  block.register_forward_hook(lambda module, args, out: current.__setitem__(0, -1))]
     if lora is not None:  # a LoRA fine-tune: the base frozen, y = W x + B A dropout(x) on the adapted layers
         target, rank, dropout = lora
         for p in model.parameters():
@@ -240,22 +303,16 @@ def _activations(config_json: str, seq_len: int, lora: tuple[str, int, float] | 
                 hooks.append(m.register_forward_hook(adapt))
     x = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     try:
-        with torch.inference_mode(False), torch.enable_grad(), _ShapesOnly(), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            byte_loss(model(x), x)
+        with torch.inference_mode(False), torch.enable_grad(), _ShapesOnly():
+            plain = _saved_by_segment(model, x, params, chunked=False)
+            ckpt = _saved_by_segment(model, x, params, chunked=True)
     except (RuntimeError, OverflowError) as e:
         raise ConfigError(f"{config.model_type} config: a training sequence of {seq_len:,} bytes is too large to "
                           f"describe ({str(e).splitlines()[0][:200]})") from None
     finally:
         for h in hooks:
             h.remove()
-    per_block: dict[int, int] = {}
-    for st, block in saved.values():
-        per_block[block] = per_block.get(block, 0) + st.nbytes()
-    outside = per_block.pop(-1, 0)
-    total = outside + sum(per_block.values())
-    checkpointed = outside + sum(block_inputs.values()) + max(per_block.values(), default=0)
-    return Activations(seq_len, total, min(checkpointed, total))
+    return Activations(seq_len, plain["total"], ckpt["outside"] + ckpt["inputs"], ckpt["block"], ckpt["chunk"])
 
 
 def training_activations(config, seq_len: int, lora: tuple[str, int, float] | None = None) -> Activations:

@@ -14,6 +14,7 @@ from torch import nn
 from ..nn import Dropout, KVCache, TransformerStack, init_weights
 from .base import ByteLM
 from .config import VOCAB_SIZE, TransformerConfig
+from .loss import byte_loss, chunked_byte_loss
 from .registry import ModelSpec, register
 
 
@@ -51,11 +52,20 @@ class ByteTransformer(ByteLM):
             h = h + self.pos(torch.arange(start, start + h.shape[1], device=x.device))
         return self.drop(h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loss: str | None = None) -> torch.Tensor:
+        """Logits (B, T, 256); with `loss` a reduction (mean, sum, none), the loss in nats instead (`byte_loss` of
+        the logits), the head and cross-entropy run chunk by chunk of positions where `loss_chunk_bytes` is set."""
         if not torch.compiler.is_compiling():
             self.check_input(x)
-        h = self._inputs(x[:, :-1].long(), 0, bos=True)  # (B, T, D)
-        return self.lm_head(self.transformer(h))  # (B, T, 256)
+        h = self.transformer(self._inputs(x[:, :-1].long(), 0, bos=True))  # (B, T, D)
+        if loss is not None and self.loss_chunk_bytes is not None:
+            def chunk(i: int, j: int) -> torch.Tensor:  # per-byte losses (B, j - i) of positions i..j-1
+                return byte_loss(self.lm_head(h[:, i:j]), x[:, i:j], "none").view(x.shape[0], -1)
+
+            B, T = x.shape
+            return chunked_byte_loss(chunk, T, max(1, self.loss_chunk_bytes // B), B * T, loss, self.recompute)
+        logits = self.lm_head(h)  # (B, T, 256)
+        return logits if loss is None else byte_loss(logits, x, loss)
 
     def new_state(self, batch: int, max_len: int) -> TransformerState:
         self.check_state_memory(batch, max_len)

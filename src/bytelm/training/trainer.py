@@ -35,11 +35,12 @@ from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from ..io import atomic_write_bytes, atomic_write_text, checkpoint_steps, latest_checkpoint
 from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
+from ..models.loss import LOSS_CHUNK_BYTES
 from ..nn import Block
 from . import metrics
 from .checkpointing import check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
 from .config import TrainConfig
-from .memory import training_parts
+from .memory import map_large_allocations, training_parts
 from .optim import make_optimizer, optimizer_state, optimizer_tensors, state_shape_problems
 from .parallel import ParallelEnv, no_sync, wrap_model
 from .precision import autocast_for
@@ -49,11 +50,17 @@ LN2 = math.log(2)
 log_line = functools.partial(print, flush=True)  # flushed: progress shows up promptly in a piped log too
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward pass instead of storing them (long sequences)."""
+def enable_activation_checkpointing(model: torch.nn.Module, chunk_bytes: int | None = LOSS_CHUNK_BYTES) -> None:
+    """Recompute activations in the backward pass instead of storing them (long sequences): each transformer block's,
+    and with `chunk_bytes` the loss chunk by chunk of that many bytes (`ByteLM.loss_chunk_bytes`: never the whole
+    logits; MEGABYTE's local model inside each chunk, so its blocks are not checkpointed a second time). `model`: a
+    ByteLM, or a wrapper holding one (a LoRA fine-tune's peft model)."""
+    lm = next(m for m in model.modules() if isinstance(m, ByteLM))
+    inside = {id(b) for name in lm.chunked_stacks for b in lm.get_submodule(name).modules()} if chunk_bytes else set()
     for m in model.modules():
-        if isinstance(m, Block):
+        if isinstance(m, Block) and id(m) not in inside:
             m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+    lm.loss_chunk_bytes = chunk_bytes
 
 
 def with_media(config, media: Media, fixed_len: bool):
@@ -111,6 +118,8 @@ class Trainer:
 
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+            if self.device.type == "cpu":  # chunk after chunk of the same tensors: keep glibc from hoarding them
+                map_large_allocations()
         self.eager_forward = self.forward = wrap_model(self.model, self.env)
         # compiled on its first call (the first micro-step); a failure there falls back to eager (`_micro_step`)
         self.compile_pending = cfg.compile
@@ -352,7 +361,10 @@ class Trainer:
         compiles (forward and backward); if that fails, one warning line and the run goes on uncompiled."""
         try:
             with no_sync(self.forward, sync), self.autocast:
-                loss = byte_loss(self.forward(x), x) / self.cfg.grad_accum
+                if self.cfg.activation_checkpointing:  # the model's chunked loss: never the whole logits at once
+                    loss = self.forward(x, loss="mean") / self.cfg.grad_accum
+                else:
+                    loss = byte_loss(self.forward(x), x) / self.cfg.grad_accum
             loss.backward()
         except Exception as e:
             if not self.compile_pending:
