@@ -195,7 +195,9 @@ def cli_all(jobs: list[list[str]], logs: list[Path], in_process: bool) -> list[s
             procs.append(subprocess.Popen([sys.executable, "-m", "bytelm.cli", *argv], stdout=subprocess.PIPE,
                                           stderr=err, text=True, env=_env(1)))
     outs = [p.communicate()[0] for p in procs]
-    for argv, log, p in zip(jobs, logs, procs, strict=True):
+    for argv, log, p, text in zip(jobs, logs, procs, outs, strict=True):
+        with open(log, "a") as f:  # bytelm's progress lines go to stdout: kept after its stderr
+            f.write(text)
         if p.returncode:
             raise SystemExit(f"bytelm {' '.join(argv)} exited {p.returncode}; see {log}")
     return outs
@@ -307,7 +309,7 @@ def image_samples(runs: dict, data: dict, suite: suites.Suite, work: Path, out: 
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.suptitle("Generated from nothing, temperature 1.0", fontsize=11)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.84, wspace=0.08)  # tight_layout: seconds, here
     fig.savefig(out / "media-images.png", dpi=110)
     plt.close(fig)
     fig, axes = plt.subplots(3, 1, figsize=(1.2 * k + 1.5, 4.6))
@@ -320,7 +322,7 @@ def image_samples(runs: dict, data: dict, suite: suites.Suite, work: Path, out: 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("Test images' top halves completed (below the red line), temperature 1.0", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.2, right=0.98, bottom=0.02, top=0.9, hspace=0.15)
     fig.savefig(out / "media-completions.png", dpi=110)
     plt.close(fig)
     return {"unconditional": "media-images.png", "completions": "media-completions.png"}
@@ -366,7 +368,7 @@ def audio_samples(runs: dict, data: dict, suite: suites.Suite, work: Path, out: 
     axes[-1, 0].set_xlabel("seconds")
     axes[-1, 1].set_xlabel("seconds (spectrogram, Hz up)")
     fig.suptitle(f"{fmt.describe()}; temperature 1.0; red line: where the continuation's prompt ends", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.6, wspace=0.12)
     fig.savefig(out / "media-audio.png", dpi=100)
     plt.close(fig)
     return {"plot": "media-audio.png", "real": "media-real.wav",

@@ -72,7 +72,7 @@ class Suite:
     media_test_images: int = 1000
     media_image_batch: int = 8
     media_train_clips: int = 40  # synthesised speech clips (3 verses each, ~10 s)
-    media_test_clips: int = 6  # one verse each (~8 s), one per voice
+    media_test_clips: int = 4  # one verse each (~12 s)
     media_sample_rate: int = 8000
     media_audio_seq_len: int = 4096
     media_audio_batch: int = 2
@@ -112,7 +112,7 @@ def get(name: str) -> Suite:
                      long_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
                      serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256,
-                     media_seconds=1.0, media_real=False, media_train_images=64, media_test_images=8,
+                     media_seconds=0.5, media_real=False, media_train_images=64, media_test_images=8,
                      media_image_batch=4, media_train_clips=4, media_test_clips=2, media_audio_seq_len=256,
                      media_audio_batch=2, media_warmup_steps=2,
                      media_image_mb=dict(patch_size=4, global_dim=32, global_layers=1, global_heads=2, local_dim=16,
