@@ -348,12 +348,21 @@ def audio_samples(runs: dict, data: dict, suite: suites.Suite, work: Path, out: 
                          "--out", str(files[(m, what)])])
             logs.append(work / f"audio-{m}-{what}-generate.log")
     cli_all(jobs, logs, not suite.media_real)
+    files = {f"{m}-{what}": f.name for (m, what), f in files.items()}
+    return {**({"plot": "media-audio.png"} if plot_audio(out, fmt) else {}), "real": "media-real.wav", **files}
+
+
+def plot_audio(out: Path, fmt: AudioFormat) -> bool:
+    """media-audio.png from the WAVs in `out`: waveform and spectrogram of the real clip and of each generated one
+    (`python -c "from benchmarks import media; media.plot_audio(...)"` redraws it without training again)."""
     plt = pyplot()
     if plt is None:
-        return {k[0] + "-" + k[1]: v.name for k, v in files.items()}
-    rows = [("real test clip", real)] + [
-        (f"{NAMES[m]}, {what}", audio_io.read_audio(files[(m, what)], fmt)) for m, what in files]
+        return False
+    real = audio_io.read_audio(out / "media-real.wav", fmt)
+    rows = [("real test clip", real)] + [(f"{NAMES[m]}, {what}", audio_io.read_audio(
+        out / f"media-{m}-{what}.wav", fmt)) for m in MODELS for what in ("unconditional", "continuation")]
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 1.6 * len(rows)), squeeze=False)
+    dither = np.random.default_rng(0).standard_normal(len(real)) * 1e-5
     for (title, codes), (wave_ax, spec_ax) in zip(rows, axes, strict=True):
         x = audio_io.decode(codes, fmt) / 32768.0
         t = np.arange(len(x)) / fmt.sample_rate
@@ -361,7 +370,8 @@ def audio_samples(runs: dict, data: dict, suite: suites.Suite, work: Path, out: 
         wave_ax.set_ylim(-1, 1)
         wave_ax.set_title(title, fontsize=9, loc="left")
         nfft = min(256, 1 << max(4, (len(x) // 4).bit_length() - 1))  # short (smoke) clips: a shorter window
-        spec_ax.specgram(x, Fs=fmt.sample_rate, NFFT=nfft, noverlap=nfft * 3 // 4, cmap="magma")
+        # silence (exact zeros) is -inf dB: a dither at -100 dB keeps it on the colour scale
+        spec_ax.specgram(x + dither[: len(x)], Fs=fmt.sample_rate, NFFT=nfft, noverlap=nfft * 3 // 4, cmap="magma")
         if "continuation" in title or title.startswith("real"):
             for ax in (wave_ax, spec_ax):
                 ax.axvline(len(real) // 2 / fmt.sample_rate, color="red", lw=0.8)  # the prompt ends here
@@ -369,10 +379,9 @@ def audio_samples(runs: dict, data: dict, suite: suites.Suite, work: Path, out: 
     axes[-1, 1].set_xlabel("seconds (spectrogram, Hz up)")
     fig.suptitle(f"{fmt.describe()}; temperature 1.0; red line: where the continuation's prompt ends", fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.92, hspace=0.6, wspace=0.12)
-    fig.savefig(out / "media-audio.png", dpi=100)
+    fig.savefig(out / "media-audio.png", dpi=80)
     plt.close(fig)
-    return {"plot": "media-audio.png", "real": "media-real.wav",
-            **{f"{m}-{what}": f.name for (m, what), f in files.items()}}
+    return True
 
 
 def flac_bits_per_sample(folder: Path, fmt: AudioFormat) -> float:
