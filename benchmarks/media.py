@@ -180,15 +180,7 @@ def cli_all(jobs: list[list[str]], logs: list[Path], in_process: bool) -> list[s
     if in_process:
         from bytelm.cli import main as bytelm_main
 
-        outs = []
-        for argv, log in zip(jobs, logs, strict=True):
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf), open(log, "w") as err, contextlib.redirect_stderr(err):
-                rc = bytelm_main(argv)
-            if rc:
-                raise SystemExit(f"bytelm {' '.join(argv)} exited {rc}; see {log}")
-            outs.append(buf.getvalue())
-        return outs
+        return _in_process(bytelm_main, jobs, logs)
     procs = []
     for argv, log in zip(jobs, logs, strict=True):
         with open(log, "w") as err:
@@ -200,6 +192,18 @@ def cli_all(jobs: list[list[str]], logs: list[Path], in_process: bool) -> list[s
             f.write(text)
         if p.returncode:
             raise SystemExit(f"bytelm {' '.join(argv)} exited {p.returncode}; see {log}")
+    return outs
+
+
+def _in_process(bytelm_main, jobs: list[list[str]], logs: list[Path]) -> list[str]:
+    outs = []
+    for argv, log in zip(jobs, logs, strict=True):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), open(log, "w") as err, contextlib.redirect_stderr(err):
+            rc = bytelm_main(argv)
+        if rc:
+            raise SystemExit(f"bytelm {' '.join(argv)} exited {rc}; see {log}")
+        outs.append(buf.getvalue())
     return outs
 
 
@@ -402,6 +406,18 @@ def flac_bits_per_sample(folder: Path, fmt: AudioFormat) -> float:
 
 def run(suite: suites.Suite, out_dir: Path = RESULTS, cache: Path | None = None,
         only: tuple[str, ...] = ("images", "audio")) -> dict:
+    import torch
+
+    threads = torch.get_num_threads()
+    if not suite.media_real:  # smoke: in this process, one thread as each CLI process (two spin on a busy machine)
+        torch.set_num_threads(1)
+    try:
+        return _run(suite, out_dir, cache, only)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(suite: suites.Suite, out_dir: Path, cache: Path | None, only: tuple[str, ...]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = cache or Path(tempfile.gettempdir()) / "bytelm-bench-media"
     work = cache / f"runs-{suite.name}"
