@@ -10,8 +10,9 @@ Data (prepared once, deterministically, under --cache; default: the system temp 
 - audio: speech synthesised with espeak-ng from King James Bible verses (Debian's bible-kjv, `bible` command):
   training clips from Genesis, test clips from Ruth (other text), six voices / speeds / pitches in turn; resampled by
   bytelm to 8 kHz mono mu-law (G.711 telephone audio: 256 values a sample as in the paper, and at 8,000 bytes a second
-  the few minutes of training a shared 2-core CPU affords see the data about once). Debian alsa-utils' recordings
-  (/usr/share/sounds/alsa) are scored too, as real recorded speech (and one noise clip) neither model trained on.
+  the few minutes of training a shared 2-core CPU affords see a good part of it, never more than once). Debian
+  alsa-utils' recordings (/usr/share/sounds/alsa) are scored too: a real recorded voice (and one noise clip) neither
+  model trained on.
 The smoke suite (and a machine without these packages, for the data it lacks) uses small generated images and tones.
 
 Training: both models of a data set train AT THE SAME TIME, one thread each (OMP_NUM_THREADS=1), each for the same
