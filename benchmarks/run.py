@@ -5,6 +5,7 @@ timing, a markdown table and PNG plots each), and the headline table in summary.
     python -m benchmarks.run --suite quick    # < 10 minutes on a 2-core CPU
     python -m benchmarks.run --suite full     # the README's table (about 30 minutes on a 2-core CPU)
     python -m benchmarks.run --suite smoke --out /tmp/x    # every benchmark on tiny shapes, seconds
+    python -m benchmarks.run --suite full --only media      # images and audio (not run unless named: below)
 
 Run it on a quiet machine: the ratios come from runs made back to back in one process, but a busy machine still
 widens their spread.
@@ -20,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import generation, long_context, long_training, quality, serving, suites, swarm, training
+from . import generation, long_context, long_training, media, quality, serving, suites, swarm, training
 from .common import RESULTS, machine
 
 BENCHMARKS = {"generation": generation, "training": training, "long_context": long_context,
               "long_training": long_training, "quality": quality, "serving": serving, "swarm": swarm}
+# run only when named with --only: images and audio train four models through the CLI (about 30 minutes in `full`)
+# on data from Debian packages (benchmarks/media.py); its results and pictures are its own, not summary.md's
+EXTRA = {"media": media}
 
 
 def summary(results: dict, suite: suites.Suite, out: Path) -> str:
@@ -130,7 +134,8 @@ def _shown(path: Path) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="quick", choices=["quick", "full", "smoke"])
-    ap.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run just these benchmarks")
+    ap.add_argument("--only", nargs="+", choices=[*BENCHMARKS, *EXTRA],
+                    help=f"run just these benchmarks ({', '.join(EXTRA)} runs only when named here)")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<suite>)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the CPUs this process may use)")
     ap.add_argument("--summary-only", action="store_true",
@@ -149,7 +154,7 @@ def main(argv=None) -> dict:
     for name in args.only or BENCHMARKS:
         t0 = time.perf_counter()
         print(f"== {name} ({suite.name})", flush=True)
-        results[name] = BENCHMARKS[name].run(suite, out)
+        results[name] = {**BENCHMARKS, **EXTRA}[name].run(suite, out)
         print((out / f"{name}.md").read_text(), f"({time.perf_counter() - t0:.0f} s)\n", flush=True)
     if not args.only:  # the headline table needs every benchmark of the same run
         (out / "summary.md").write_text(summary(results, suite, out))

@@ -15,6 +15,9 @@ The shapes (chosen for a 2-core CPU, not a GPU):
   sequences), for one training step over up to 1,048,576 bytes: the global model's attention over K = T/P patches
   is the step's quadratic cost, and P=32 halves K, quartering it (32,768 patches at 1M bytes), where P=16's
   forward alone took 143 s (long_context.md); the transformer of equal parameters.
+- `MEDIA_*` (benchmarks/media.py, images and audio through the CLI): MEGABYTE of ~0.93M parameters (global 128 x 4,
+  local 64 x 2; P=4 for 28x28 images, P=16 for 4,096-byte audio windows) against a byte transformer of ~1.05M
+  (128 x 5): small, because each trains on one shared CPU thread for a few minutes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ LONG_TRAIN_MB = dict(patch_size=32, global_dim=256, global_layers=4, global_head
                      local_heads=2)
 LONG_MB = dict(patch_size=16, global_dim=256, global_layers=4, global_heads=4, local_dim=64, local_layers=2,
                local_heads=2)
+MEDIA_IMAGE_MB = dict(patch_size=4, global_dim=128, global_layers=4, global_heads=4, local_dim=64, local_layers=2,
+                      local_heads=2)
+MEDIA_AUDIO_MB = {**MEDIA_IMAGE_MB, "patch_size": 16}
+MEDIA_TF = dict(dim=128, layers=5, heads=4)
 
 
 @dataclass
@@ -69,6 +76,21 @@ class Suite:
     serve_rounds: int = 3  # requests per stream (closed loop)
     serve_max_len: int = 1024  # the models' context while serving (sizes the preallocated caches)
     swarm_bytes: int = 256  # generated per run through the swarm (benchmarks/swarm.py)
+    # images and audio (benchmarks/media.py): both models train at once, one thread each, for media_seconds
+    media_seconds: float = 480.0
+    media_real: bool = True  # Fashion-MNIST and espeak-ng speech; False: small generated images and tones
+    media_train_images: int = 60000
+    media_test_images: int = 1000
+    media_image_batch: int = 8
+    media_train_clips: int = 40  # synthesised speech clips (3 verses each, ~10 s)
+    media_test_clips: int = 4  # one verse each (~12 s)
+    media_sample_rate: int = 8000
+    media_audio_seq_len: int = 4096
+    media_audio_batch: int = 2
+    media_warmup_steps: int = 20
+    media_image_mb: dict = field(default_factory=lambda: dict(MEDIA_IMAGE_MB))
+    media_audio_mb: dict = field(default_factory=lambda: dict(MEDIA_AUDIO_MB))
+    media_tf: dict = field(default_factory=lambda: dict(MEDIA_TF))
 
     def __post_init__(self) -> None:
         if self.long_train_megabyte is None:
@@ -95,7 +117,8 @@ def get(name: str) -> Suite:
                      gen_bytes=2048, gen_repeats=2, peer_gen_bytes=256, peer_points=9, train_steps=3,
                      train_repeats=2, long_lengths=[8192, 32768], long_time_limit=60.0,
                      long_train_lengths=[8192, 32768, 65536], long_train_time_limit=60.0, quality_seconds=60.0,
-                     quality_eval_windows=32, serve_bytes=128, serve_rounds=2)
+                     quality_eval_windows=32, serve_bytes=128, serve_rounds=2, media_seconds=120.0,
+                     media_train_images=20000, media_test_images=300, media_train_clips=16, media_test_clips=3)
     if name == "smoke":
         tiny_mb = MegabyteConfig.from_name("tiny", max_seq_len=256)
         tiny_t = TransformerConfig.from_name("tiny", max_seq_len=256)
@@ -108,5 +131,13 @@ def get(name: str) -> Suite:
                      long_train_transformer=TransformerConfig.from_name("tiny", max_seq_len=1024),
                      long_train_lengths=[256, 1024], long_train_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
-                     serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256)
+                     serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256,
+                     media_seconds=0.5, media_real=False, media_train_images=64, media_test_images=8,
+                     media_image_batch=4, media_train_clips=4, media_test_clips=2, media_audio_seq_len=256,
+                     media_audio_batch=2, media_warmup_steps=2,
+                     media_image_mb=dict(patch_size=4, global_dim=32, global_layers=1, global_heads=2, local_dim=16,
+                                         local_layers=1, local_heads=2),
+                     media_audio_mb=dict(patch_size=8, global_dim=32, global_layers=1, global_heads=2, local_dim=16,
+                                         local_layers=1, local_heads=2),
+                     media_tf=dict(dim=32, layers=1, heads=2))
     raise SystemExit(f"unknown suite {name!r}: choose quick, full or smoke")

@@ -144,3 +144,22 @@ def test_optimizer_step_benchmark_runs(tmp_path):
     payload = optimizer_step.main(["--preset", "tiny", "--batch", "1", "--repeats", "1", "--out", str(tmp_path)])
     assert (tmp_path / "optimizer_step_tiny.md").is_file() and payload["speedup_fp32_over_bf16"] > 0
     assert all(len(v) == 1 and v[0] > 0 for v in payload["seconds"].values())
+
+
+def test_media_benchmark_trains_scores_and_samples_both_models(tmp_path):
+    """Generated images and tones (no Debian data needed), tiny models, a second of training each."""
+    from benchmarks import media
+
+    out = tmp_path / "out"
+    payload = media.main(["--suite", "smoke", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    for kind in ("images", "audio"):
+        res = payload["datasets"][kind]
+        for m in media.MODELS:
+            assert res["models"][m]["steps"] > 0 and res["models"][m]["params"] > 0
+            assert 0 < res["eval"]["test"][m]["bpb"] < 12
+        assert "xz" in res["eval"]["test"]["codecs_bpb"]
+    assert "bits_per_pixel" in payload["datasets"]["images"]["eval"]["test"]["megabyte"]
+    assert "flac (16-bit decode)" in payload["datasets"]["audio"]["eval"]["test"]["codecs_bpb"]
+    assert (out / "media.md").read_text().startswith("# ")
+    for f in ("media-images.png", "media-completions.png", "media-audio.png", "media-megabyte-continuation.wav"):
+        assert (out / f).stat().st_size > 0

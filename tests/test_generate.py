@@ -105,3 +105,16 @@ def test_generation_leaves_training_mode_alone(megabyte):
     megabyte.train()
     megabyte.generate(b"a", 3)
     assert megabyte.training
+
+
+def test_audio_generation_longer_than_the_context_names_both_limits(tmp_path, capsys):
+    """More new audio than the model's context: the limit without a prompt (the whole context) and with one."""
+    from bytelm import Megabyte
+    from bytelm.cli import main
+
+    cfg = MegabyteConfig.from_name("tiny", max_seq_len=64, modality="audio:8000:mulaw")
+    Megabyte(cfg).save_pretrained(tmp_path / "m")
+    assert main(["generate", str(tmp_path / "m"), "--out", str(tmp_path / "a.wav"), "--max-bytes", "64"]) == 0
+    assert main(["generate", str(tmp_path / "m"), "--out", str(tmp_path / "b.wav"), "--max-bytes", "65"]) == 2
+    err = capsys.readouterr().err
+    assert "at most 64 from no prompt, 63 after a prompt" in err and not (tmp_path / "b.wav").exists()

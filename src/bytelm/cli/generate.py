@@ -210,6 +210,10 @@ def _media_request(model, args: GenerateArgs, text_prompt: bytes, media) -> tupl
 
 def _context(prompt: bytes, n: int, media, max_len: int) -> bytes:
     """The end of a prompt clip longer than the model's context leaves room for n new bytes (whole samples)."""
+    if n > max_len:  # more than the context holds, prompt or not (saying "after a prompt" misled when none was given)
+        raise UsageError(f"{n:,} new bytes are more than this model's context of {max_len:,} bytes "
+                         f"({max_len / media.bytes_per_second:.2f} s): generate at most {max_len:,} from no prompt, "
+                         f"{max_len - media.bytes_per_sample:,} after a prompt")
     room = max_len - n
     if len(prompt) <= room:
         return prompt
