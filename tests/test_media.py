@@ -301,6 +301,16 @@ def test_bad_media_data_is_one_line(capsys, tmp_path, image_dir, clip_dir, setup
                             str(tmp_path / "run"), "--sample-bytes", "0", *argv], message)
 
 
+def test_an_image_run_is_sized_before_its_images_are_decoded(capsys, tmp_path):
+    """The memory check needs the image size, which the first image's header gives; the rest are decoded only after
+    it (a corrupt second image is never reached by a run that cannot fit)."""
+    _save(tmp_path / "d" / "a.png", _image(8, 8, 3, 0))
+    (tmp_path / "d" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\ncorrupt")
+    argv = ["train", "--data", str(tmp_path / "d"), "--preset", "tiny", "--out-dir", str(tmp_path / "run")]
+    one_line_error(capsys, [*argv, "--batch-size", "100000000000"], "activations")
+    one_line_error(capsys, argv, "cannot read image")
+
+
 # --- train -> eval -> generate, through the CLI -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory, image_dir) -> Path:

@@ -198,8 +198,10 @@ def test_state_estimate_is_exact():
 # --- training and fine-tuning ---------------------------------------------------------------------------------------
 def test_train_refuses_a_batch_it_cannot_hold(tmp_path, capsys):
     out = tmp_path / "run"
-    # the check comes before the data is read: a missing --data is not even looked at
-    one_line_error(capsys, ["train", "--batch-size", "10000000", "--data", str(tmp_path / "nothing"), "--out-dir",
+    # the check comes before the data is read: 10 bytes, shorter than one window, are not even looked at (only the
+    # name is, for what kind of data it is: bytelm.data.resolve_media)
+    (tmp_path / "short.txt").write_bytes(b"0123456789")
+    one_line_error(capsys, ["train", "--batch-size", "10000000", "--data", str(tmp_path / "short.txt"), "--out-dir",
                             str(out)],
                    "bytelm train: error: this run needs about 621 TB (weights 14.5 MB, gradients 14.5 MB, optimizer "
                    "14.8 MB, activations 621 TB for batch 10,000,000 x 1,024) but cpu has",
@@ -209,12 +211,13 @@ def test_train_refuses_a_batch_it_cannot_hold(tmp_path, capsys):
 
 
 def test_memory_limit_is_the_escape_hatch(tmp_path, capsys, monkeypatch):
-    argv = ["train", "--preset", "tiny", "--batch-size", "64", "--data", str(tmp_path / "nothing"), "--out-dir",
+    (tmp_path / "short.txt").write_bytes(b"0123456789")
+    argv = ["train", "--preset", "tiny", "--batch-size", "64", "--data", str(tmp_path / "short.txt"), "--out-dir",
             str(tmp_path / "run")]
     monkeypatch.setenv("BYTELM_MEMORY_LIMIT", "10MB")
     one_line_error(capsys, argv, "but cpu has 10 MB available (BYTELM_MEMORY_LIMIT)")
     monkeypatch.setenv("BYTELM_MEMORY_LIMIT", "off")
-    one_line_error(capsys, argv, "nothing")  # past the check: now the data is read
+    one_line_error(capsys, argv, "fewer than one window")  # past the check: now the data is read
 
 
 def test_finetune_refuses_a_rank_it_cannot_hold(model_dir, tmp_path, capsys):
