@@ -129,7 +129,7 @@ def get(name: str) -> Suite:
                      train_steps=2, train_repeats=1, train_compile=False, long_lengths=[256, 1024],
                      long_time_limit=20.0, long_train_megabyte=MegabyteConfig.from_name("tiny", max_seq_len=1024),
                      long_train_transformer=TransformerConfig.from_name("tiny", max_seq_len=1024),
-                     long_train_lengths=[256, 1024], long_train_time_limit=20.0,
+                     long_train_lengths=[1024], long_train_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
                      serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256,
                      media_seconds=0.5, media_real=False, media_train_images=64, media_test_images=8,

@@ -331,6 +331,7 @@ def test_a_server_killed_mid_generation_changes_nothing_and_a_late_joiner_is_use
                 s.kill()
 
 
+@pytest.mark.slow  # 13-23 s of processes and timeouts: `pytest -m slow` runs it (the suite's time budget)
 def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
     # the honest servers announce themselves slow (0.1 s for the span) and the liar fast, so every route starts with
     # the liar whatever the measured round trips (milliseconds apart on a busy machine) say
@@ -371,6 +372,7 @@ def test_no_server_for_a_span_is_one_clear_error(folder, capsys):
         servers[0].kill()
 
 
+@pytest.mark.slow  # 13-23 s of processes and timeouts: `pytest -m slow` runs it (the suite's time budget)
 def test_the_last_server_of_a_span_dying_mid_generation_fails_loudly(folder):
     # the real CLI as a process; its only server for the span is killed once output flows: exit 2 and one line
     # saying how far it got, never exit 0 with a truncated answer
@@ -402,6 +404,7 @@ def test_the_last_server_of_a_span_dying_mid_generation_fails_loudly(folder):
             s.kill()
 
 
+@pytest.mark.slow  # 13-23 s of processes and timeouts: `pytest -m slow` runs it (the suite's time budget)
 def test_two_servers_that_disagree_and_no_third_fail_the_generation_loudly(folder, capsys):
     # --verify-fraction 1 with one honest server and one liar for the span: nobody can say which is right, so the
     # generation stops with exit 2 and one line, never exit 0 with bytes that may be the liar's
@@ -517,6 +520,7 @@ def test_swarm_finetune_cli_lowers_validation_bpb(folder, swarm, tmp_path, capsy
     load_adapter(out, base=folder)  # the adapter loads on the whole model, like any other
 
 
+@pytest.mark.slow  # 13-23 s of processes and timeouts: `pytest -m slow` runs it (the suite's time budget)
 def test_a_server_that_hangs_is_timed_out_and_replaced(folder, local):
     servers = start(folder, ["0:4", "0:4"])
     try:
