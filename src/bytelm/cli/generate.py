@@ -214,13 +214,13 @@ def _context(prompt: bytes, n: int, media, max_len: int) -> bytes:
         raise UsageError(f"{n:,} new bytes are more than this model's context of {max_len:,} bytes "
                          f"({max_len / media.bytes_per_second:.2f} s): generate at most {max_len:,} from no prompt, "
                          f"{max_len - media.bytes_per_sample:,} after a prompt")
+    from ..data import audio
+
     room = max_len - n
-    if len(prompt) <= room:
-        return prompt
-    if room < media.bytes_per_sample:
+    if prompt and room < media.bytes_per_sample:
         raise UsageError(f"{n:,} new bytes fill this model's whole context of {max_len:,} bytes: generate at most "
                          f"{max_len - media.bytes_per_sample:,} after a prompt")
-    return prompt[len(prompt) - room + room % media.bytes_per_sample:]
+    return audio.prompt_tail(prompt, room, media)
 
 
 def emit_media(model, args: GenerateArgs, text_prompt: bytes, media) -> int:

@@ -94,6 +94,15 @@ def read_audio(path: Path, fmt: AudioFormat) -> np.ndarray:
     return _load(str(path), fmt, str(path))
 
 
+def prompt_tail(prompt: bytes, room: int, fmt: AudioFormat) -> bytes:
+    """The end of a prompt clip that fits in `room` bytes, cut at a sample: what a model whose context is shorter
+    than prompt + new bytes reads of it."""
+    if len(prompt) <= room:
+        return prompt
+    room -= room % fmt.bytes_per_sample
+    return prompt[len(prompt) - room:]
+
+
 def bytes_to_wav(data: bytes | np.ndarray, fmt: AudioFormat) -> bytes:
     """fmt's bytes -> the bytes of a WAV file of that rate and sample format."""
     buf = io.BytesIO()

@@ -124,17 +124,21 @@ def read_images(path: Path, fmt: ImageFormat, fit: str, convert: bool = False) -
     return [to_format(open_image(path), fmt, fit, str(path), convert).reshape(-1)]
 
 
-def pixels_to_png(data: bytes | np.ndarray, fmt: ImageFormat, optimize: bool = False) -> bytes:
-    """fmt.seq_len bytes of pixels -> the bytes of a PNG file (lossless: reading it back gives the same pixels)."""
+def to_pil(data: bytes | np.ndarray, fmt: ImageFormat):
+    """fmt.seq_len bytes of pixels -> a Pillow image of fmt's size and mode."""
     Image, _ = _pil()
     arr = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data, np.uint8)
     if arr.size != fmt.seq_len:
         raise DataError(f"{arr.size:,} bytes are not one {fmt.height}x{fmt.width}x{fmt.channels} image "
                         f"({fmt.seq_len:,} bytes)")
     arr = arr.reshape(fmt.height, fmt.width, fmt.channels)
-    img = Image.fromarray(arr[..., 0] if fmt.channels == 1 else arr, MODES[fmt.channels])
+    return Image.fromarray(arr[..., 0] if fmt.channels == 1 else arr, MODES[fmt.channels])
+
+
+def pixels_to_png(data: bytes | np.ndarray, fmt: ImageFormat, optimize: bool = False) -> bytes:
+    """fmt.seq_len bytes of pixels -> the bytes of a PNG file (lossless: reading it back gives the same pixels)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=optimize)
+    to_pil(data, fmt).save(buf, format="PNG", optimize=optimize)
     return buf.getvalue()
 
 

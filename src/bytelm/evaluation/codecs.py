@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import ByteDataset
 from ..data import audio as audio_io
-from ..data.images import pixels_to_png
+from ..data.images import pixels_to_png, to_pil
 from ..data.media import AudioFormat, ImageFormat
 
 MAX_CODEC_BYTES = 64 << 20  # the codecs see at most the first 64 MiB (xz at preset 9 runs at ~1 MB/s)
@@ -35,14 +35,12 @@ def _parts(ds: ByteDataset, limit: int):
 
 
 def _webp(arr: np.ndarray, fmt: ImageFormat) -> int | None:
-    from PIL import Image, features
+    from PIL import features
 
     if not features.check("webp") or fmt.channels == 2:  # WebP has no grey + alpha
         return None
-    img = Image.fromarray(arr.reshape(fmt.height, fmt.width, fmt.channels).squeeze(-1) if fmt.channels == 1 else
-                          arr.reshape(fmt.height, fmt.width, fmt.channels))
     buf = io.BytesIO()
-    img.save(buf, format="WEBP", lossless=True, quality=100, method=6)
+    to_pil(arr, fmt).save(buf, format="WEBP", lossless=True, quality=100, method=6)
     return len(buf.getvalue())
 
 

@@ -141,9 +141,7 @@ def audio_request(body: AudioGenerationRequest, fmt: AudioFormat, max_len: int) 
                             f"of {max_len:,} bytes: generate at most {most - most % bps:,} bytes "
                             f"({(most - most % bps) / fmt.bytes_per_second:.3g} s){after}", param=param,
                        code="context_length_exceeded")
-    room = max_len - n
-    context = prompt if len(prompt) <= room else prompt[len(prompt) - room + room % bps:]
-    return prompt, context, n
+    return prompt, audio_data.prompt_tail(prompt, max_len - n, fmt), n
 
 
 def seeds(seed: int | None, n: int) -> list[int]:
