@@ -10,6 +10,7 @@ import torch
 
 from bytelm import GenerationError
 from bytelm.generation.engine import Engine, EngineFull, SamplingParams
+from bytelm.nn import Step
 
 
 def _requests(seed: int, n: int, sampled: bool):
@@ -57,20 +58,22 @@ def test_rows_at_different_positions_give_the_full_forward_logits(model):
     with torch.inference_mode():
         state = model.new_state(S, T)
         for row in (2, 0):  # two rows first; the others join later
-            got = model.prefill(x[row : row + 1, : starts[row]], state, torch.tensor([row]))
+            got = model.prefill(x[row : row + 1, : starts[row]], state, Step.make([row], [0], starts[row], "cpu"))
             torch.testing.assert_close(got[0], full[row, starts[row]], atol=1e-4, rtol=1e-4)
         live = [2, 0]
         rng = random.Random(0)
         for step in range(40):
             if step == 3:
                 for row in (1, 3):
-                    got = model.prefill(x[row : row + 1, : starts[row]], state, torch.tensor([row]))
+                    step = Step.make([row], [0], starts[row], "cpu")
+                    got = model.prefill(x[row : row + 1, : starts[row]], state, step)
                     torch.testing.assert_close(got[0], full[row, starts[row]], atol=1e-4, rtol=1e-4)
                 live += [1, 3]
             rows = [r for r in live if pos[r] < T - 1 and rng.random() < 0.8]  # some rows sit a step out
             if not rows:
                 continue
-            out = model.decode_step(x[rows, [pos[r] for r in rows]], state, torch.tensor(rows))
+            at = [pos[r] for r in rows]
+            out = model.decode_step(x[rows, at], state, Step.make(rows, at, max(at) + 1, "cpu"))
             for i, r in enumerate(rows):
                 pos[r] += 1
                 torch.testing.assert_close(out[i], full[r, pos[r]], atol=1e-4, rtol=1e-4)

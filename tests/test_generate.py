@@ -5,6 +5,7 @@ import torch
 
 from bytelm import GenerationError, MegabyteConfig
 from bytelm.generation import sample
+from bytelm.nn import Step
 
 P = MegabyteConfig.from_name("tiny").patch_size
 
@@ -17,9 +18,9 @@ def test_cached_logits_equal_full_forward(model, L):
     full = model(x)  # (B, T, 256)
     with torch.no_grad():
         state = model.new_state(2, x.shape[1])
-        got = [model.prefill(x[:, :L], state)]
+        got = [model.prefill(x[:, :L], state, Step.make([0, 1], [0, 0], L, "cpu"))]
         for t in range(L, x.shape[1] - 1):
-            got.append(model.decode_step(x[:, t], state))
+            got.append(model.decode_step(x[:, t], state, Step.make([0, 1], [t, t], t + 1, "cpu")))
     got = torch.stack(got, dim=1)  # (B, T - L, 256)
     torch.testing.assert_close(got, full[:, L:], atol=1e-4, rtol=1e-4)
 

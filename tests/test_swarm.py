@@ -23,6 +23,7 @@ pytest.importorskip("peft")
 from benchmarks.swarm import Server as _Server  # noqa: E402
 from bytelm import Megabyte, MegabyteConfig  # noqa: E402
 from bytelm.generation.engine import Engine, SamplingParams  # noqa: E402
+from bytelm.nn import Step  # noqa: E402
 from bytelm.swarm import ServerFailed, SwarmError, remote_model, swarm_lora, swarm_name  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -135,15 +136,20 @@ def test_bad_requests_get_errors_and_the_server_goes_on(remote, swarm):
     good = {"session": "s" * 16, "batch": 2, "max_len": 8, "start": 0, "end": 2}
     c.call(peer, "open", [], good)
     x = torch.zeros(2, 1, 64)
+    ok = {"rows": [0, 1], "pos": [0, 0], "span": 1}
     bad = [
-        ("step", [x], {"session": "nope" * 4, "calls": [{"pos": 0}]}, "unknown session"),
-        ("step", [x.double()], {"session": "s" * 16, "calls": [{"pos": 0}]}, "x must be float32"),
-        ("step", [torch.zeros(2, 1, 63)], {"session": "s" * 16, "calls": [{"pos": 0}]}, "x must be"),
-        ("step", [x * float("nan")], {"session": "s" * 16, "calls": [{"pos": 0}]}, "inf or nan"),
-        ("step", [x], {"session": "s" * 16, "calls": [{"pos": 8}]}, "pos must be"),
-        ("step", [x[:1]], {"session": "s" * 16, "calls": [{"pos": 0, "rows": [5]}]}, "a row must be"),
-        ("step", [x], {"session": "s" * 16, "calls": [{"pos": [0, 1], "span": 1}]}, "span must be"),
-        ("step", [x, x], {"session": "s" * 16, "calls": [{"pos": 0}]}, "one tensor per call"),
+        ("step", [x], {"session": "nope" * 4, "calls": [ok]}, "unknown session"),
+        ("step", [x.double()], {"session": "s" * 16, "calls": [ok]}, "x must be float32"),
+        ("step", [torch.zeros(2, 1, 63)], {"session": "s" * 16, "calls": [ok]}, "x must be"),
+        ("step", [x * float("nan")], {"session": "s" * 16, "calls": [ok]}, "inf or nan"),
+        ("step", [x], {"session": "s" * 16, "calls": [{**ok, "pos": [8, 0]}]}, "pos must list 2 integers in"),
+        ("step", [x], {"session": "s" * 16, "calls": [{**ok, "pos": 0}]}, "pos must list"),
+        ("step", [x[:1]], {"session": "s" * 16, "calls": [{**ok, "rows": [5], "pos": [0]}]}, "rows must list 1"),
+        ("step", [x], {"session": "s" * 16, "calls": [{**ok, "rows": [1, 1]}]}, "distinct rows"),
+        ("step", [x], {"session": "s" * 16, "calls": [{**ok, "pos": [0, 1], "span": 1}]}, "span must be"),
+        ("step", [torch.zeros(2, 3, 64)], {"session": "s" * 16, "calls": [{**ok, "pos": [0, 6]}]}, "run past"),
+        ("step", [x], {"session": "s" * 16, "calls": [{**ok, "lens": [0, 2]}]}, "lens must list"),
+        ("step", [x, x], {"session": "s" * 16, "calls": [ok]}, "one tensor per call"),
         ("open", [], {**good, "session": "t" * 16, "start": 1, "end": 3}, "end must be"),
         ("open", [], {**good, "session": "u" * 16, "batch": 1024, "max_len": 512}, "refused"),
         ("forward", [torch.zeros(1, 5000, 64)], {"start": 0, "end": 2}, "allowed"),
@@ -154,7 +160,7 @@ def test_bad_requests_get_errors_and_the_server_goes_on(remote, swarm):
     for op, tensors, meta, why in bad:
         with pytest.raises(ServerFailed, match=why):
             c.call(peer, op, tensors, meta)
-    outs, _ = c.call(peer, "step", [x], {"session": "s" * 16, "calls": [{"pos": 0}]})  # still serving
+    outs, _ = c.call(peer, "step", [x], {"session": "s" * 16, "calls": [ok]})  # still serving
     assert outs[0].shape == x.shape and torch.isfinite(outs[0]).all()
     assert c.info(peer)["errors"] >= len(bad)
 
@@ -184,9 +190,10 @@ def test_work_over_a_servers_request_limit_is_sent_in_parts(remote, local, swarm
     try:
         for pos, t in [(0, 500), (500, 1)]:
             h = torch.randn(20, t, 64)
-            got = session.step(h, pos, None, None)
+            step = Step.make(list(range(20)), [pos] * 20, pos + t, "cpu")
+            got = session.step(h, step)
             with torch.inference_mode():
-                assert torch.allclose(got, local.global_model.run_blocks(h, 0, 4, caches, pos), atol=1e-4)
+                assert torch.allclose(got, local.global_model.run_blocks(h, 0, 4, caches, step), atol=1e-4)
     finally:
         session.close()
 
@@ -251,7 +258,8 @@ def test_one_peer_is_held_to_its_limits_while_others_are_served(folder, remote, 
         # another peer is served meanwhile, and cannot touch the first one's sessions
         remote.swarm.call(peer, "open", [], {**spec, "session": "patient-0001"})
         with pytest.raises(ServerFailed, match="unknown session"):
-            remote.swarm.call(peer, "step", [torch.zeros(1, 1, 64)], {"session": "greedy-0000", "calls": [{"pos": 0}]})
+            remote.swarm.call(peer, "step", [torch.zeros(1, 1, 64)],
+                              {"session": "greedy-0000", "calls": [{"rows": [0], "pos": [0], "span": 1}]})
         remote.swarm.call(peer, "close", [], {"session": "patient-0001"})
         # 40 MiB fit in the server's free cache, not in one peer's share
         with pytest.raises(ServerFailed, match=r"over the 32.0 MiB one peer may hold \(--peer-cache-share 0.5"):

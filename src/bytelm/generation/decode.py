@@ -1,6 +1,6 @@
-"""Generation as small composable functions (after gpt-fast): decode a stream of next-byte tensors with a model's
-KV caches, and thin wrappers that stream or collect it. Every front end (the CLI, the server, the swarm client) uses
-`stream` or `decode`, so sampling behaves the same everywhere.
+"""Generation as thin clients of the one decoding loop (`bytelm.generation.engine`): `decode` iterates over the next
+bytes of a batch of prompts, `stream` and `generate` wrap it. Every front end (the CLI, the server, the swarm client)
+decodes through the engine, so sampling and scheduling behave the same everywhere.
 
 These functions need only the decoding protocol below, not any model class, so they sit below bytelm.models.
 Everything is checked when `decode` / `stream` / `generate` is *called*, before the first byte is produced: a
@@ -17,19 +17,29 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import GenerationError
-from .sampling import check_sampling, check_seed, sample
+from ..nn import Step
+from .sampling import MAX_SEED, check_sampling, check_seed, sample
+
+
+class DecodeState(Protocol):
+    global_steps: int  # runs of the model's big part so far (MEGABYTE: batched global steps): a serving metric
 
 
 class Decodable(Protocol):
-    """What generation needs of a model (bytelm.models.ByteLM implements it)."""
+    """What generation needs of a model: exactly what the engine calls (bytelm.models.ByteLM implements it)."""
 
     config: Any  # .max_seq_len
     device: torch.device
+    prefill_align: int  # a prompt's chunks after the first start at multiples of this (MEGABYTE: P)
+    decode_period: int  # decode steps between runs of the model's big part (MEGABYTE: P; else 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...  # (B, T) -> logits (B, T, 256)
-    def new_state(self, batch: int, max_len: int) -> Any: ...
-    def prefill(self, x: torch.Tensor, state: Any) -> torch.Tensor: ...  # (B, L) -> (B, 256)
-    def decode_step(self, byte: torch.Tensor, state: Any) -> torch.Tensor: ...  # (B,) -> (B, 256)
+    def check_state_memory(self, batch: int, max_len: int, hint: str = "") -> None: ...
+    def new_state(self, batch: int, max_len: int) -> DecodeState: ...
+    # x (n, T) right padded, step: rows, byte positions, lengths -> (n, 256) after each row's last byte
+    def prefill(self, x: torch.Tensor, state: DecodeState, step: Step) -> torch.Tensor: ...
+    # byte (n,) at positions step.at -> (n, 256)
+    def decode_step(self, byte: torch.Tensor, state: DecodeState, step: Step) -> torch.Tensor: ...
 
 
 def as_tensor(model: Decodable, prompt: bytes | bytearray | torch.Tensor) -> torch.Tensor:
@@ -69,42 +79,54 @@ def check_request(model: Decodable, prompt_len: int, max_new_bytes: int, tempera
 def decode(model: Decodable, x: torch.Tensor, max_new_bytes: int, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """An iterator over the next byte of every sequence (B,), max_new_bytes times, continuing the prompt x (B, L).
+    """An iterator over the next byte of every sequence (B,), max_new_bytes times, continuing the prompts x (B, L).
     Arguments are checked now; the iterator does the work.
 
-    With the cache (default) the prompt is prefilled once and each new byte costs one decode step: for MEGABYTE one
-    local-model step, plus one global-model step at every patch boundary. `use_cache=False` recomputes the full
-    forward over the whole prefix for every byte (what megabyte-pytorch does); it exists to test and measure against.
+    The rows decode together in an `Engine` of B slots sized to L + max_new_bytes; row i samples with seed
+    `seed + i` (so row 0, and a single prompt, gives what the engine gives that request with `seed`).
+    `use_cache=False` recomputes the full forward over the whole prefix for every byte instead (what
+    megabyte-pytorch does): the reference the cached path is tested and measured against.
     """
     check_request(model, x.shape[1], max_new_bytes, temperature, top_k, top_p, seed)
-    return _decode(model, x, max_new_bytes, temperature, top_k, top_p, seed, use_cache)
+    if seed is not None and seed + x.shape[0] - 1 > MAX_SEED:
+        raise GenerationError(f"seed must leave room for one seed per row: at most {MAX_SEED - x.shape[0] + 1}")
+    if not use_cache:
+        return _recompute(model, x, max_new_bytes, temperature, top_k, top_p, seed)
+    return _engine_decode(model, x, max_new_bytes, temperature, top_k, top_p, seed)
 
 
-def _decode(model, x, max_new_bytes, temperature, top_k, top_p, seed, use_cache) -> Iterator[torch.Tensor]:
+def _engine_decode(model, x, max_new_bytes, temperature, top_k, top_p, seed) -> Iterator[torch.Tensor]:
+    from .engine import Engine, SamplingParams  # the engine builds on this module's checks
+
     if max_new_bytes == 0:
         return
-    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
     B, L = x.shape
-    with torch.inference_mode():
-        if use_cache:
-            state = model.new_state(B, L + max_new_bytes)
-            logits = model.prefill(x, state)
-        else:
-            seq = x
+    engine = Engine(model, max_streams=B, max_queue=0, prefill_budget=max(B * L, 1), max_len=L + max_new_bytes)
+    got: list[bytearray] = [bytearray() for _ in range(B)]
+    errors: list[BaseException] = []
+    for i, row in enumerate(x.tolist()):
+        params = SamplingParams(max_new_bytes, temperature, top_k, top_p, None if seed is None else seed + i)
+        engine.submit(bytes(row), params,
+                      lambda o, i=i: (got[i].extend(o.data), o.exception and errors.append(o.exception)))
+    for i in range(max_new_bytes):
+        while min(len(g) for g in got) <= i and not errors:
+            engine.step()
+        if errors:  # the model's own error, as a direct call would raise it
+            raise errors[0]
+        yield torch.tensor([g[i] for g in got], dtype=torch.long, device=x.device)
+
+
+def _recompute(model, x, max_new_bytes, temperature, top_k, top_p, seed) -> Iterator[torch.Tensor]:
+    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
+    B = x.shape[0]
+    seq = x
+    for _ in range(max_new_bytes):
+        with torch.inference_mode():
             # logits at position L depend on x[:, :L] only, so a dummy byte there gives the next-byte prediction
             logits = model(torch.cat((seq, seq.new_zeros(B, 1)), dim=1))[:, -1]
-    for i in range(max_new_bytes):
-        with torch.inference_mode():
             nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         yield nxt  # outside inference mode: the caller's code runs as it would anywhere
-        if i + 1 == max_new_bytes:
-            break
-        with torch.inference_mode():
-            if use_cache:
-                logits = model.decode_step(nxt, state)
-            else:
-                seq = torch.cat((seq, nxt.view(B, 1)), dim=1)
-                logits = model(torch.cat((seq, seq.new_zeros(B, 1)), dim=1))[:, -1]
+        seq = torch.cat((seq, nxt.view(B, 1)), dim=1)
 
 
 def stream(model: Decodable, prompt: bytes, max_new_bytes: int, **kw) -> Iterator[bytes]:

@@ -1,4 +1,6 @@
-"""A continuous-batching decoder: many streams, one batched model step per byte, streams joining and leaving freely.
+"""The decoding loop: a continuous-batching engine, many streams, one batched model step per byte, streams joining and
+leaving freely. Every front end is its client: `model.generate` / `stream`, `bytelm generate`, the server and the
+swarm client.
 
     engine = Engine(model, max_streams=16)       # one decoding state with 16 rows (slots), preallocated
     engine.start()                               # a background thread runs `step()` while there is work
@@ -6,16 +8,22 @@
         print(out.data)                          # final bytes: never a held-back stop-sequence prefix
     engine.stop()
 
-Every row of the state has its own position (see `KVCache.update`), so a request **joins** the running batch as soon
-as it is prefilled into a free slot and **leaves** when it finishes or is cancelled, its slot reused by the next one.
-One `step()` prefills the requests that fit, samples one byte for every running stream (each with its own settings
-and random generator) and feeds those bytes back in one batched `decode_step`: for MEGABYTE, one batched global step
-for the rows whose patch just completed, one batched local step for all (vLLM's split, in small: this is the
-scheduler; the model's `prefill` / `decode_step` are the runner).
+This is the scheduler (vLLM's split, in small); the model's `prefill` / `decode_step` are the runner, and the engine
+hands them plain data: a `Step` of state rows and their byte positions, counted here and never read back from the
+device. One `step()`:
+
+1. **prefills** the prompts that fit a per-step budget of prompt bytes, all in one batched `prefill` call; a prompt
+   longer than the budget goes in chunks over several steps (chunks start where the model can resume: MEGABYTE's
+   patch borders), so running streams never stall behind it;
+2. **samples** one byte for every stream with logits waiting, all rows at once (`sampling.sample_rows`);
+3. **feeds** those bytes back in one batched `decode_step`. For MEGABYTE the global model runs for the rows whose
+   patch the byte completes. Rows that start decoding at arbitrary times would cross patch borders at different
+   steps, running the global model at most steps for a few rows; so a row that has sampled its first byte waits
+   (up to P - 1 steps) until its position lines up with the engine's clock before it is fed (`align`): then every
+   row crosses a border at the same step, and the global model runs once per P steps for all of them.
 
 Outputs are exact: a stream decoded in a batch gives byte for byte what it gives alone (greedy, or sampled with a
-seed: each request samples from its own `torch.Generator` with `bytelm.generation.sampling.sample`, as `generate`
-does). Nothing here knows HTTP: the server (bytelm.serve) and the CLI are clients of it.
+seed: each request draws from its own `torch.Generator`). Nothing here knows HTTP.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import BytelmError, GenerationError
+from ..nn import Step
 from .decode import Decodable, check_request
 from .sampling import check_logits, sample
 
@@ -75,6 +84,7 @@ class Output:
     finish_reason: str | None = None  # "stop" (a stop sequence), "length", "cancelled", "error"; None: more to come
     generated: int = 0  # bytes the model generated so far (stop sequences included): usage
     error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)  # what failed, for in-process callers
 
 
 class EngineFull(GenerationError):
@@ -94,7 +104,10 @@ class Request:
     cancelled: bool = False
     finished: bool = False
     generator: torch.Generator | None = None
+    prefilled: int = 0  # prompt bytes in the state so far (a long prompt goes in chunks)
+    prefilling: bool = True
     logits: torch.Tensor | None = None  # (256,) the next byte's, waiting to be sampled
+    byte: int | None = None  # sampled, waiting to be fed (until its position lines up with the engine's clock)
     generated: bytearray = field(default_factory=bytearray)
     held: list = field(default_factory=list)  # logprobs of bytes generated but not yet sent
     sent: int = 0  # bytes of `generated` already delivered
@@ -108,17 +121,17 @@ class Engine:
     """The scheduler over one decoding state of `max_streams` rows. Thread-safe `submit` / `cancel`; `step` runs in
     the engine's thread (`start`) or, without one, in the caller's."""
 
-    def __init__(self, model: Decodable, max_streams: int = 16, max_queue: int = 64,
-                 prefill_budget: int = 4096) -> None:
-        if max_streams < 1 or max_queue < 0:
-            raise GenerationError("max_streams must be >= 1 and max_queue >= 0")
+    def __init__(self, model: Decodable, max_streams: int = 16, max_queue: int = 64, prefill_budget: int = 4096,
+                 max_len: int | None = None, align: bool = True) -> None:
+        if max_streams < 1 or max_queue < 0 or prefill_budget < 1:
+            raise GenerationError("max_streams and prefill_budget must be >= 1 and max_queue >= 0")
         self.model, self.max_streams, self.max_queue = model, max_streams, max_queue
-        self.prefill_budget = prefill_budget  # prompt bytes prefilled per step (at least one prompt): keeps a long
-        # prompt from stalling every running stream for many prompts' worth of time
-        self.max_len = model.config.max_seq_len
-        check = getattr(model, "check_state_memory", None)  # a ByteLM's: refuse a state the device cannot hold
-        if check is not None:
-            check(max_streams, self.max_len, hint="lower max_streams (bytelm serve: --max-streams)")
+        # prompt bytes prefilled per step: a long prompt goes in chunks, so running streams get a byte every step
+        self.prefill_budget = prefill_budget
+        self.max_len = model.config.max_seq_len if max_len is None else max_len  # positions per row
+        self.chunk = model.prefill_align  # a prompt's chunks start at multiples of this
+        self.period = model.decode_period if align else 1  # steps between runs of the model's big part
+        model.check_state_memory(max_streams, self.max_len, hint="lower max_streams (bytelm serve: --max-streams)")
         with torch.inference_mode():
             self.state = model.new_state(max_streams, self.max_len)
         self.free = list(range(max_streams - 1, -1, -1))
@@ -128,7 +141,9 @@ class Engine:
         self.ids = itertools.count(1)
         self.thread: threading.Thread | None = None
         self.closing = False
-        self.stats = {"requests": 0, "finished": 0, "bytes": 0, "steps": 0, "global_steps": 0, "errors": 0}
+        self.clock = 0  # steps run: a row is fed when its position lines up with it (see `_due`)
+        self.stats = {"requests": 0, "finished": 0, "bytes": 0, "steps": 0, "global_steps": 0, "errors": 0,
+                      "prefill_calls": 0, "held_steps": 0}
 
     # --- clients --------------------------------------------------------------------------------------------------
     def submit(self, prompt: bytes, params: SamplingParams, on_output: Callable[[Output], None]) -> Request:
@@ -137,6 +152,9 @@ class Engine:
         if not isinstance(prompt, (bytes, bytearray)):
             raise GenerationError(f"the prompt must be bytes, got {type(prompt).__name__}")
         params.check(self.model, len(prompt))
+        if len(prompt) + params.max_new_bytes > self.max_len:
+            raise GenerationError(f"prompt ({len(prompt)} bytes) + max_new_bytes ({params.max_new_bytes}) exceeds "
+                                  f"this engine's {self.max_len} positions per stream")
         req = Request(bytes(prompt), params, on_output)
         if params.max_new_bytes == 0:  # nothing to generate: done before it starts
             req.finished = True
@@ -181,7 +199,7 @@ class Engine:
             data.append(last.data)
             lps.extend(last.logprobs or ())
         return Output(b"".join(data), tuple(lps) if params.logprobs is not None else None, last.finish_reason,
-                      last.generated, last.error)
+                      last.generated, last.error, last.exception)
 
     @property
     def active(self) -> int:
@@ -230,68 +248,107 @@ class Engine:
             self.step()
 
     def step(self) -> None:
-        """Free cancelled streams, admit waiting ones, sample one byte for each running stream, feed them back."""
+        """Free cancelled streams, admit waiting ones, prefill what the budget allows, sample one byte for every
+        stream with logits, feed back the bytes that are due."""
         with self.cond:
             for req in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(req)
                 self._finish(req, "cancelled")
             for req in [r for r in self.running.values() if r.cancelled]:
                 self._finish(req, "cancelled")
-            admitted, budget = [], self.prefill_budget
-            while self.waiting and self.free and (not admitted or budget >= len(self.waiting[0].prompt)):
+            while self.waiting and self.free:
                 req = self.waiting.popleft()
                 req.slot = self.free.pop()
                 self.running[req.slot] = req
-                budget -= len(req.prompt)
-                admitted.append(req)
+                self._seed(req)
+        rows = sorted(self.running.values(), key=lambda r: r.slot)  # slot order: all slots running steps on views
         with torch.inference_mode():
-            for req in admitted:
-                self._guard([req], self._prefill, req)
-            ready = sorted((r for r in self.running.values() if r.logits is not None and not r.finished),
-                           key=lambda r: r.slot)  # in slot order: when every slot runs, the model steps on views
-            if not ready:
-                return
+            chunks = self._chunks([r for r in rows if r.prefilling])
+            if chunks:
+                self._guard([r for r, _ in chunks], self._prefill, chunks)
+            ready = [r for r in rows if r.logits is not None and not r.finished]
+            if ready:
+                self._guard(ready, self._sample, ready)
+            fed = [r for r in rows if r.byte is not None and not r.finished]
+            due = [r for r in fed if self._due(r)]
+            if fed and not due:  # nobody to line up with: the clock follows the row that has waited longest
+                self.clock = self._position(min(fed, key=lambda r: r.id))
+                due = [r for r in fed if self._due(r)]
+            self.stats["held_steps"] += len(fed) - len(due)
+            if due:
+                self._guard(due, self._feed, due)
+        if chunks or ready or due:
             self.stats["steps"] += 1
-            self._guard(ready, self._sample_and_feed, ready)
+            self.clock += 1
 
-    def _guard(self, reqs: list[Request], fn, *args) -> None:
-        """Run fn; if the model fails, those requests end with an error and the engine keeps serving the others."""
-        try:
-            fn(*args)
-        except Exception as e:  # noqa: BLE001 - a fault in one step must not kill the engine thread
-            self.stats["errors"] += 1
-            with self.cond:
-                why = str(e) if isinstance(e, BytelmError) else f"{type(e).__name__}: {e}"  # else: a bug, named
-                for req in reqs:
-                    if not req.finished:
-                        self._finish(req, "error", why)
-
-    def _prefill(self, req: Request) -> None:
+    def _seed(self, req: Request) -> None:
         p = req.params
-        seed = p.seed if p.seed is not None else torch.seed()
         if p.temperature > 0:
+            seed = p.seed if p.seed is not None else torch.seed()
             req.generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
-        x = torch.tensor(list(req.prompt), dtype=torch.long, device=self.model.device).view(1, -1)
-        rows = torch.tensor([req.slot], device=self.model.device)
-        req.logits = self.model.prefill(x, self.state, rows)[0]
 
-    def _sample_and_feed(self, ready: list[Request]) -> None:
+    def _chunks(self, pending: list[Request]) -> list[tuple[Request, int]]:
+        """The prompt bytes to prefill this step: whole prompts while the budget lasts (at least one chunk a step),
+        a long one in chunks of a multiple of the model's alignment."""
+        out, budget = [], self.prefill_budget
+        for req in pending:
+            left = len(req.prompt) - req.prefilled
+            take = left if left <= budget else budget - budget % self.chunk
+            if take <= 0 and out:
+                break
+            out.append((req, max(take, min(left, self.chunk))))
+            budget -= out[-1][1]
+        return out
+
+    def _prefill(self, chunks: list[tuple[Request, int]]) -> None:
+        """One batched prefill of every chunk: rows at their own positions, right padded to the longest."""
+        dev = self.model.device
+        T = max(n for _, n in chunks)
+        x = torch.zeros(len(chunks), T, dtype=torch.long, device=dev)
+        for j, (req, n) in enumerate(chunks):
+            if n:
+                x[j, :n] = torch.frombuffer(bytearray(req.prompt[req.prefilled : req.prefilled + n]), dtype=torch.uint8)
+        at, lens = [req.prefilled for req, _ in chunks], [n for _, n in chunks]
+        step = Step.make([req.slot for req, _ in chunks], at, max(map(sum, zip(at, lens, strict=True))), dev, lens)
+        before = self.state.global_steps
+        logits = self.model.prefill(x, self.state, step)  # (n, 256)
+        self.stats["prefill_calls"] += 1
+        self.stats["global_steps"] += self.state.global_steps - before
+        for j, (req, n) in enumerate(chunks):
+            req.prefilled += n
+            if req.prefilled == len(req.prompt):
+                req.prefilling = False
+                req.logits = logits[j]
+
+    def _due(self, req: Request) -> bool:
+        """Whether a row with a sampled byte is fed this step: always, unless the model's big part runs once per
+        `period` positions (MEGABYTE: P); then when its position lines up with the clock, so that every row crosses
+        a patch border at the same step. A row waits at most period - 1 steps, once: then it stays in line."""
+        return (self._position(req) - self.clock) % self.period == 0
+
+    @staticmethod
+    def _position(req: Request) -> int:
+        """Where a row's next fed byte (its last sampled one) sits in its sequence."""
+        return len(req.prompt) + len(req.generated) - 1
+
+    def _sample(self, ready: list[Request]) -> None:
+        """One byte for every ready row (each with its own settings and generator); rows whose logits are not finite
+        end with an error, the others go on."""
         logits = torch.stack([r.logits for r in ready])  # (n, 256)
         finite = torch.isfinite(logits).all(dim=-1)
-        if not bool(finite.all()):  # a row whose model output is NaN or inf ends with an error; the others go on
+        if not bool(finite.all()):
             broken = [r for r, ok in zip(ready, finite.tolist(), strict=True) if not ok]
             self._guard(broken, check_logits, logits[~finite])
             ready = [r for r, ok in zip(ready, finite.tolist(), strict=True) if ok]
             if not ready:
                 return
             logits = logits[finite]
-        nxt = logits.argmax(dim=-1)  # greedy rows; the others sample with their own generator, as `decode` does
+        nxt = logits.argmax(dim=-1)  # greedy rows; the others sample with their own generator
         for j, req in enumerate(ready):
             p = req.params
             if p.temperature > 0:
                 nxt[j] = sample(logits[j : j + 1], p.temperature, p.top_k, p.top_p, req.generator)[0]
         lp = torch.log_softmax(logits.float(), dim=-1) if any(r.params.logprobs is not None for r in ready) else None
-        feed = []
         values = nxt.tolist()
         with self.cond:
             for j, req in enumerate(ready):
@@ -304,17 +361,32 @@ class Engine:
                     req.held.append(ByteLogprob(values[j], float(lp[j, values[j]]), tuple(
                         zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()))
                 if self._emit(req, values[j]):
-                    feed.append(j)
+                    req.byte = values[j]
         self.stats["bytes"] += len(ready)
-        if not feed:
-            return
-        slots = [ready[j].slot for j in feed]
-        rows = None if slots == list(range(self.max_streams)) else torch.tensor(slots, device=nxt.device)
-        before = getattr(self.state, "global_steps", None)  # MEGABYTE counts its global steps; for others every
-        out = self.model.decode_step(nxt[feed], self.state, rows)  # (n, 256)   step runs the whole model
-        self.stats["global_steps"] += 1 if before is None else self.state.global_steps - before
-        for i, j in enumerate(feed):
-            ready[j].logits = out[i]
+
+    def _feed(self, due: list[Request]) -> None:
+        """One batched decode step: each row's sampled byte at its own position."""
+        at = [self._position(r) for r in due]
+        step = Step.make([r.slot for r in due], at, max(at) + 1, self.model.device)
+        byte = torch.tensor([r.byte for r in due], dtype=torch.long, device=self.model.device)
+        before = self.state.global_steps
+        out = self.model.decode_step(byte, self.state, step)  # (n, 256)
+        self.stats["global_steps"] += self.state.global_steps - before
+        for i, req in enumerate(due):
+            req.byte = None
+            req.logits = out[i]
+
+    def _guard(self, reqs: list[Request], fn, *args) -> None:
+        """Run fn; if the model fails, those requests end with an error and the engine keeps serving the others."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a fault in one step must not kill the engine thread
+            self.stats["errors"] += 1
+            with self.cond:
+                why = str(e) if isinstance(e, BytelmError) else f"{type(e).__name__}: {e}"  # else: a bug, named
+                for req in reqs:
+                    if not req.finished:
+                        self._finish(req, "error", why, e)
 
     # --- a request's bytes: stop sequences, holding back, finishing (called with self.cond held) -------------------
     def _emit(self, req: Request, byte: int) -> bool:
@@ -347,13 +419,14 @@ class Engine:
             self.stats["finished"] += 1
         req.on_output(Output(data, lps, finish, len(req.generated)))
 
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: Request, reason: str, error: str | None = None, exc: BaseException | None = None) -> None:
         self._release(req)
-        req.on_output(Output(b"", () if req.params.logprobs is not None else None, reason, len(req.generated), error))
+        req.on_output(Output(b"", () if req.params.logprobs is not None else None, reason, len(req.generated), error,
+                             exc))
 
     def _release(self, req: Request) -> None:
         req.finished = True
-        req.logits = None
+        req.logits = req.byte = None
         if req.slot is not None and self.running.get(req.slot) is req:
             del self.running[req.slot]
             self.free.append(req.slot)

@@ -2,15 +2,19 @@
 
 A model maps bytes (B, T) to logits (B, T, 256) where `logits[:, t]` predicts `x[:, t]` from `x[:, :t]`: every byte
 is predicted, the first one from nothing. For generation a model also implements three small functions over an
-explicit decoding state (its KV caches), in the style of gpt-fast:
+explicit decoding state (its KV caches), in the style of gpt-fast, each call told which state rows it feeds and at
+which byte positions by a `Step` (bytelm.nn.step: rows and positions as device tensors, the same on the host):
 
-    state = model.new_state(batch, max_len)      # preallocated caches
-    logits = model.prefill(x, state)             # (B, 256): prediction of the byte after x
-    logits = model.decode_step(byte, state)      # (B, 256): feed one byte (B,), predict the next
+    state = model.new_state(batch, max_len)        # preallocated caches for `batch` rows
+    step = Step.make(rows, at, span, device, lens)
+    logits = model.prefill(x, state, step)         # (n, 256): x (n, T) right padded; the byte after each row's
+    step = Step.make(rows, at, span, device)       #   last, from position `at` (0: a prompt; later: its next chunk)
+    logits = model.decode_step(byte, state, step)  # (n, 256): feed byte (n,) at positions `at`, predict the next
 
-`bytelm.generation` builds sampling and streaming on top of these; the CLI, the server and the swarm client share
-it. `generate` / `stream` / `save_pretrained` / `from_pretrained` are thin methods over bytelm.generation and
-bytelm.models.persistence, which import nothing from here: no cycle.
+`bytelm.generation.Engine` is the one loop that calls them (the Decodable protocol there lists exactly what it
+uses); the CLI, the server and the swarm client are its clients. `generate` / `stream` / `save_pretrained` /
+`from_pretrained` are thin methods over bytelm.generation and bytelm.models.persistence, which import nothing from
+here: no cycle.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import generation
+from ..nn import Step
 from . import memory, persistence
 from .config import VOCAB_SIZE
 
@@ -46,13 +51,25 @@ class ByteLM(nn.Module):
 
     # --- to implement -------------------------------------------------------------------------------------------
     def new_state(self, batch: int, max_len: int) -> Any:
+        """A decoding state of `batch` rows of up to `max_len` bytes; it has `global_steps`, a count of runs of the
+        model's big part (see bytelm.generation.decode.DecodeState)."""
         raise NotImplementedError
 
-    def prefill(self, x: torch.Tensor, state: Any) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, state: Any, step: Step) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode_step(self, byte: torch.Tensor, state: Any) -> torch.Tensor:
+    def decode_step(self, byte: torch.Tensor, state: Any, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def prefill_align(self) -> int:
+        """A prompt prefilled in chunks resumes at multiples of this many bytes."""
+        return 1
+
+    @property
+    def decode_period(self) -> int:
+        """Decode steps between runs of the model's big part: the engine lines rows up on it."""
+        return 1
 
     # --- shared ---------------------------------------------------------------------------------------------------
     @property

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import Dropout, KVCache, TransformerStack, init_weights
+from ..nn import Dropout, KVCache, Step, TransformerStack, init_weights
 from .base import ByteLM
 from .config import VOCAB_SIZE, MegabyteConfig
 from .loss import byte_loss, chunked_byte_loss
@@ -43,31 +43,16 @@ from .registry import ModelSpec, register
 
 @dataclass
 class MegabyteState:
-    """Decoding state of B rows: both models' KV caches and where each row is. The global cache holds one entry per
-    patch, the local cache the current patch's window only (overwritten from position 0 at every new patch). Rows
-    move independently (a continuous batch: bytelm.generation.engine), so the positions are per row, kept on the
-    host, where the control flow needs them."""
+    """Decoding state of B rows: both models' KV caches and each row's current patch. The global cache holds one entry
+    per patch, the local cache the current patch's window only (rewritten from position 0 at every new patch). Where
+    each row is comes with every call (`Step.at`, the byte positions its scheduler counts): the state keeps none."""
 
     global_kv: list[KVCache]
     local_kv: list[KVCache]
     patch: torch.Tensor  # (B, P) bytes of the current patch so far
     recent: torch.Tensor  # (B, max(W, 1)) the last bytes before the current position (-1: before the sequence)
     ctx: torch.Tensor  # (B, C, D_L) global contributions to window positions L-C.. (C = P, or L with context_global)
-    k: list[int]  # per row: index of the current patch
-    r: list[int]  # per row: bytes of the current patch already seen
     global_steps: int = 0  # batched global-model steps run (a serving metric)
-
-
-def _subset(rows: torch.Tensor | None, js: list[int], n: int, device) -> torch.Tensor | None:
-    """The state rows of inputs js (of n, given for `rows`, None = all in order); None again when that is all."""
-    if rows is None:
-        return None if len(js) == n else torch.tensor(js, device=device)
-    return rows if len(js) == n else rows[torch.tensor(js, device=rows.device)]
-
-
-def _positions(values: list[int], device) -> int | torch.Tensor:
-    """One int where every row is at the same position (the plain batch: views, no masks), else a tensor (n,)."""
-    return values[0] if min(values) == max(values) else torch.tensor(values, device=device)
 
 
 class Megabyte(ByteLM):
@@ -103,15 +88,12 @@ class Megabyte(ByteLM):
         init_weights(self, max(c.global_layers, c.local_layers), c.init)
 
     # --- pieces shared by training and decoding ----------------------------------------------------------------
-    def _patch_embed(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """Bytes (B, n*P) starting at byte position `start` (or a start (B,) per row) -> n patch vectors (B, n, G)."""
+    def _patch_embed(self, x: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """Bytes (B, n*P) at byte positions `where` (B, n*P) (None: 0..n*P-1) -> n patch vectors (B, n, G)."""
         B, n = x.shape[0], x.shape[1] // self.config.patch_size
         h = self.global_embed(x)  # (B, n*P, D_G)
         if self.global_pos is not None:
-            if isinstance(start, torch.Tensor):
-                h = h + self.global_pos(start[:, None] + torch.arange(x.shape[1], device=x.device))
-            else:
-                h = h + self.global_pos(torch.arange(start, start + x.shape[1], device=x.device))
+            h = h + self.global_pos(torch.arange(x.shape[1], device=x.device) if where is None else where)
         return h.reshape(B, n, self.config.global_dim)
 
     def _to_local(self, g_out: torch.Tensor) -> torch.Tensor:
@@ -119,18 +101,11 @@ class Megabyte(ByteLM):
         ctx = self.global_to_local(g_out.unflatten(-1, (self.config.patch_size, self.config.byte_dim)))
         return self.local_ctx_norm(ctx) if self.config.local_norms else ctx
 
-    def _local_in(self, idx: torch.Tensor, ctx: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+    def _local_in(self, idx: torch.Tensor, ctx: torch.Tensor, start: int) -> torch.Tensor:
         """Window positions start..start+n-1 of each patch: their bytes idx (N, n) (-1: the pad) embedded, plus
-        the global contributions ctx (N, L - ctx_from, D_L) of positions ctx_from..L-1.  -> (N, n, D_L)
-        `start` may be a LongTensor (N,) of positions past the window's first prediction, one per row (n = 1)."""
+        the global contributions ctx (N, L - ctx_from, D_L) of positions ctx_from..L-1.  -> (N, n, D_L)"""
         n = idx.shape[1]
         h = self.local_embed(idx.clamp(min=0))  # (N, n, D_L)
-        if isinstance(start, torch.Tensor):  # decoding a continuous batch: one byte per row, at its own position
-            if self.local_pos is not None:
-                h = h + self.local_pos(start)[:, None]
-            if self.config.local_norms:
-                h = self.local_byte_norm(h)
-            return h + ctx[torch.arange(ctx.shape[0], device=ctx.device), start - self.ctx_from][:, None]
         if start < max(self.config.local_context, 1):  # only these positions can lie before the sequence
             h = torch.where((idx < 0)[..., None], self.local_pad.to(h.dtype), h)
         if self.local_pos is not None:
@@ -177,7 +152,7 @@ class Megabyte(ByteLM):
         K = -(-T // P)
         xp = F.pad(x, (0, K * P - T)) if K * P != T else x  # the last patch padded: causality keeps it out
         # global: pad patch, then patches 0..K-2 (the last patch is never input: nothing after it is predicted)
-        g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(xp[:, : (K - 1) * P], 0)), dim=1)
+        g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(xp[:, : (K - 1) * P])), dim=1)
         g_out = self.global_model(self.drop(g_in))  # (B, K, G)
         win = self._windows(xp)  # (B*K, L) byte indices: no grad, 8 bytes a position
         if loss is not None and self.loss_chunk_bytes is not None:
@@ -205,6 +180,17 @@ class Megabyte(ByteLM):
         return self.lm_head(l_out).view(B, n * self.config.patch_size, VOCAB_SIZE)
 
     # --- incremental decoding: global model once per patch, local model once per byte ----------------------------
+    # Every call takes a Step of byte positions (`step.at`: where each row's input starts). The global model's
+    # positions are patch indices (position j holds patch j - 1, position 0 the pad), the local model's are window
+    # positions (0..first: the bytes before the patch, first + 1 + i: the patch's byte i).
+    @property
+    def prefill_align(self) -> int:
+        return self.config.patch_size  # a chunk resumes at a patch border: the global model's inputs are patches
+
+    @property
+    def decode_period(self) -> int:
+        return self.config.patch_size  # the global model runs once a patch
+
     def new_state(self, batch: int, max_len: int) -> MegabyteState:
         c, dev, dt = self.config, self.device, self.dtype
         self.check_state_memory(batch, max_len)
@@ -214,92 +200,113 @@ class Megabyte(ByteLM):
             patch=torch.zeros(batch, c.patch_size, dtype=torch.long, device=dev),
             recent=torch.full((batch, max(c.local_context, 1)), -1, dtype=torch.long, device=dev),
             ctx=torch.zeros(batch, self.window - self.ctx_from, c.local_dim, device=dev, dtype=dt),
-            k=[0] * batch, r=[0] * batch,
         )
 
-    def _global_step(self, g_in: torch.Tensor, s: MegabyteState, pos: int | torch.Tensor, rows, span: int,
-                     prefill: bool = False) -> None:
-        """Run the global model on patch inputs (n, m, G) at positions pos.. of state rows `rows` (None: all) and keep
-        the current window's contributions."""
-        g_out = self.global_model(g_in, s.global_kv, pos, rows, span)  # (n, m, G)
-        s.global_steps += 1
-        if not self.config.context_global:
-            ctx = self._to_local(g_out[:, -1])  # (n, P, D_L)
-        elif prefill:  # every patch so far, windowed; the current patch's window is the last
-            ctx = self._ctx_windows(self._to_local(g_out)).unflatten(0, (g_out.shape[0], -1))[:, -1]
-        else:  # the previous window's last `first` contributions, then the new patch's
-            old = s.ctx if rows is None else s.ctx[rows]
-            ctx = torch.cat((old[:, old.shape[1] - self.first :], self._to_local(g_out[:, -1])), dim=1)
-        if rows is None:
-            s.ctx.copy_(ctx)
-        else:
-            s.ctx[rows] = ctx
+    def _window_in(self, idx: torch.Tensor, ctx: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Local inputs while decoding: bytes idx (n, T) (-1: the pad) at window positions `where` (n, T), plus their
+        global contributions from the rows' ctx (n, C, D_L).  -> (n, T, D_L)"""
+        h = self.local_embed(idx.clamp(min=0))
+        h = torch.where((idx < 0)[..., None], self.local_pad.to(h.dtype), h)
+        if self.local_pos is not None:
+            h = h + self.local_pos(where)
+        if self.config.local_norms:
+            h = self.local_byte_norm(h)
+        at = (where - self.ctx_from).clamp(min=0)[..., None].expand(-1, -1, ctx.shape[-1])
+        return h + torch.where((where >= self.ctx_from)[..., None], ctx.gather(1, at), 0)
 
-    def _local_step(self, idx: torch.Tensor, s: MegabyteState, start: int | torch.Tensor, rows, span: int):
-        """Run the local model on window positions start.. of the current patch of state rows `rows` (None: all);
-        return the last position's logits (n, 256)."""
-        h = self._local_in(idx, s.ctx if rows is None else s.ctx[rows], start)
-        return self.lm_head(self.local_model(h, s.local_kv, start, rows, span)[:, -1])  # (n, 256)
+    def _local_logits_at(self, idx: torch.Tensor, ctx: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
+        """The local model on bytes idx (n, T) at window positions from `step.pos`; logits (n, 256) after each row's
+        last real input."""
+        n, T = idx.shape
+        h = self._window_in(idx, ctx, step.positions(T, self.window))
+        out = self.local_model(h, s.local_kv, step)  # (n, T, D_L)
+        last = torch.tensor([m - 1 for m in step.lens], device=idx.device) if step.lens else None
+        return self.lm_head(out[:, -1] if last is None else out[torch.arange(n, device=idx.device), last])
 
-    def _window_start(self, recent: torch.Tensor) -> torch.Tensor:
-        """Byte indices (n, first + 1) of the window positions up to the patch's first prediction."""
-        if self.config.local_context == 0:
-            return recent.new_full((recent.shape[0], 1), -1)  # the paper: the pad
-        return recent
+    def _new_ctx(self, g_out: torch.Tensor, prior: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The current window's global contributions (n, C, D_L) after row j's global model ran `counts[j]`
+        positions (outputs g_out (n, m, G), right padded), `prior` (n, C, D_L) being the contributions before
+        them: the last C of prior + every output's P contributions, in order."""
+        C, P = prior.shape[1], self.config.patch_size
+        flat = torch.cat((prior, self._to_local(g_out).flatten(1, 2)), dim=1)  # (n, C + m*P, D_L)
+        ends = torch.tensor([C + c * P for c in counts], device=flat.device)
+        at = (ends[:, None] - C + torch.arange(C, device=flat.device))[..., None].expand(-1, -1, flat.shape[-1])
+        return flat.gather(1, at)
 
-    def prefill(self, x: torch.Tensor, s: MegabyteState, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Prompts x (n, L) into state rows `rows` (n,) (None: all rows), which start over; logits (n, 256)."""
-        B, L = x.shape
-        P, G = self.config.patch_size, self.config.global_dim
-        k, r = divmod(L, P)  # k complete patches; the current patch k holds r bytes
-        g_in = torch.cat((self.global_pad.expand(B, 1, G), self._patch_embed(x[:, : k * P], 0)), dim=1)
-        self._global_step(g_in, s, 0, rows, k + 1, prefill=True)  # (n, k+1, G) inputs: pad + patches 0..k-1
-        sel = slice(None) if rows is None else rows
-        for i in range(s.patch.shape[0]) if rows is None else rows.tolist():
-            s.k[i], s.r[i] = k, r
-        s.patch[sel, :r] = x[:, k * P :]
+    def prefill(self, x: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
+        """Bytes x (n, T) of n rows, row j's `step.lens[j]` real ones (the rest right padding) from byte position
+        `step.at[j]` on: a whole prompt (at 0) or the next chunk of one (at a patch border); logits (n, 256) after
+        each row's last byte. Any number of rows, prompts and chunks of any lengths, in one pass of each model."""
+        n, T = x.shape
+        P, dev = self.config.patch_size, x.device
         Wp = s.recent.shape[1]
-        padded = F.pad(x, (Wp, 0), value=-1)  # (n, Wp + L)
-        s.recent[sel] = padded[:, -Wp:]
-        idx = padded[:, k * P : k * P + Wp + r]  # window positions 0..first + r: x_{kP-Wp} .. x_{kP+r-1}
+        lens = list(step.lens or (T,) * n)
+        if any(a % P for a in step.at):
+            raise ValueError(f"MEGABYTE prefills from patch borders: positions {list(step.at)}, patch size {P}")
+        fresh = torch.tensor([a == 0 for a in step.at], device=dev)  # (n,) rows that start over
+        k0 = [a // P for a in step.at]  # patch index at the chunk's start
+        k1 = [(a + m) // P for a, m in zip(step.at, lens, strict=True)]  # the current patch after it
+        # global model: the patches the chunk completes (a fresh row's inputs start with the pad at position 0)
+        done = [b - a for a, b in zip(k0, k1, strict=True)]
+        counts = [d + (a == 0) for d, a in zip(done, step.at, strict=True)]
+        prior = torch.where(fresh[:, None, None], 0, s.ctx[step.rows])  # (n, C, D_L) contributions before them
+        if max(counts) > 0:
+            M = max(done)
+            where = (step.positions(M * P, self.config.max_seq_len) if M else None)
+            e = self._patch_embed(x[:, : M * P], where)  # (n, M, G)
+            pad = self.global_pad.expand(n, 1, -1).to(e.dtype)
+            g_in = torch.where(fresh[:, None, None], torch.cat((pad, e), 1), torch.cat((e, pad), 1))
+            g_at = [0 if a == 0 else k + 1 for a, k in zip(step.at, k0, strict=True)]
+            g_step = step.moved(g_at, max(a + c for a, c in zip(g_at, counts, strict=True)), counts)
+            g_out = self.global_model(self.drop(g_in), s.global_kv, g_step)  # (n, M + 1, G)
+            s.global_steps += 1
+            ctx = self._new_ctx(g_out, prior, counts)
+        else:
+            ctx = prior
+        s.ctx[step.rows] = ctx
+        # local model: the current patch's window so far, from the bytes before the chunk (`recent`) and in it
+        before = torch.where(fresh[:, None], -1, s.recent[step.rows])  # (n, Wp)
+        hist = torch.cat((before, x, x.new_full((n, P), -1)), dim=1)  # byte position t at index t - at + Wp
+        rs = [a + m - k * P for a, m, k in zip(step.at, lens, k1, strict=True)]  # bytes of the current patch
+        starts = torch.tensor([k * P - a for a, k in zip(step.at, k1, strict=True)], device=dev)
+        R = max(rs)
+        idx = hist.gather(1, starts[:, None] + torch.arange(Wp + R, device=dev))  # (n, Wp + R): positions 0..first+R
         if self.config.local_context == 0:
-            idx = torch.cat((idx.new_full((B, 1), -1), idx[:, 1:]), dim=1)
-        return self._local_step(idx, s, 0, rows, idx.shape[1])
+            idx[:, 0] = -1  # the paper: a pad, not the previous patch's last byte
+        s.patch[step.rows] = hist.gather(1, starts[:, None] + Wp + torch.arange(P, device=dev))
+        s.recent[step.rows] = hist.gather(1, torch.tensor(lens, device=dev)[:, None] + torch.arange(Wp, device=dev))
+        l_step = step.moved([0] * n, Wp + R, [Wp + r for r in rs])
+        return self._local_logits_at(idx, ctx, s, l_step)
 
-    def decode_step(self, byte: torch.Tensor, s: MegabyteState, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed byte (n,) to state rows `rows` (n,) (None: all rows, in order); logits (n, 256) for their next bytes.
-        The rows may sit at different positions: those whose patch this byte completes run one batched global step
-        and restart their local window; all others run one batched local step at their own window positions."""
-        P, n, dev = self.config.patch_size, byte.shape[0], byte.device
-        ids = list(range(n)) if rows is None else rows.tolist()
-        sel = slice(None) if rows is None else rows
-        at = torch.arange(n, device=dev) if rows is None else rows
-        s.patch[at, torch.tensor([s.r[i] for i in ids], device=dev)] = byte
+    def decode_step(self, byte: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
+        """Feed byte (n,) at byte position `step.at` of each row; logits (n, 256) for the byte after it. Rows whose
+        patch this byte completes run one batched global step and restart their local window; all others run one
+        batched local step at their own window positions."""
+        P, n = self.config.patch_size, byte.shape[0]
+        s.patch[step.rows, step.pos % P] = byte
         if self.config.local_context > 0:
-            s.recent[sel] = torch.cat((s.recent[sel][:, 1:], byte.view(-1, 1)), dim=1)
-        for i in ids:
-            s.r[i] += 1
-        done = [j for j, i in enumerate(ids) if s.r[i] == P]
-        going = [j for j, i in enumerate(ids) if s.r[i] < P]
+            s.recent[step.rows] = torch.cat((s.recent[step.rows][:, 1:], byte.view(-1, 1)), dim=1)
+        done = [j for j, t in enumerate(step.at) if t % P == P - 1]
+        going = [j for j, t in enumerate(step.at) if t % P != P - 1]
         logits = None
         if done:  # patch complete: one global step for the next patch, then the local window starts over
-            d_rows = _subset(rows, done, n, dev)
-            d_sel = slice(None) if d_rows is None else d_rows
-            ks = []
-            for j in done:
-                s.k[ids[j]] += 1
-                s.r[ids[j]] = 0
-                ks.append(s.k[ids[j]])
-            start = _positions([(k - 1) * P for k in ks], dev)
-            self._global_step(self._patch_embed(s.patch[d_sel], start), s, _positions(ks, dev), d_rows, max(ks) + 1)
-            out = self._local_step(self._window_start(s.recent[d_sel]), s, 0, d_rows, self.first + 1)
+            d = step.select(done)
+            k = [t // P + 1 for t in d.at]  # the new patch's index: the global input at position k is patch k - 1
+            where = d.pos[:, None] - (P - 1) + torch.arange(P, device=byte.device)  # (nd, P) its bytes' positions
+            g_out = self.global_model(self._patch_embed(s.patch[d.rows], where), s.global_kv, d.moved(k, max(k) + 1))
+            s.global_steps += 1
+            ctx = self._new_ctx(g_out, s.ctx[d.rows], [1] * d.n)
+            s.ctx[d.rows] = ctx
+            start = s.recent[d.rows] if self.config.local_context > 0 else s.recent.new_full((d.n, 1), -1)
+            out = self._local_logits_at(start, ctx, s, d.moved([0] * d.n, self.first + 1))
             if not going:
                 return out
             logits = out.new_empty(n, out.shape[1])
             logits[done] = out
-        g_rows = _subset(rows, going, n, dev)
-        pos = [self.first + s.r[ids[j]] for j in going]
-        out = self._local_step(byte[going].view(-1, 1), s, _positions(pos, dev), g_rows, max(pos) + 1)
+        g = step.select(going)
+        w = [self.first + 1 + t % P for t in g.at]  # the byte's window position
+        out = self._local_logits_at(byte[going].view(-1, 1) if done else byte.view(-1, 1), s.ctx[g.rows], s,
+                                    g.moved(w, max(w) + 1))
         if logits is None:
             return out
         logits[going] = out

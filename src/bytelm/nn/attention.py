@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .rotary import apply_rope
+from .step import Step
 
 
 def dropout_active(module: nn.Module) -> bool:
@@ -20,46 +21,30 @@ class KVCache:
     """Keys and values of one attention layer for incremental decoding, preallocated: (B, H, S_max, Dh).
 
     Preallocation (as in gpt-fast) means a decode step writes one slot and attends over a view of the filled part:
-    no concatenation, so the cost of a step grows only with the attention itself.
+    no concatenation, so the cost of a step grows only with the attention itself. One position more than asked is
+    allocated: where padding inputs (a batched prefill's shorter prompts) write.
     """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device, dtype) -> None:
-        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.k = torch.zeros(batch, heads, max_len + 1, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[2] - 1
 
-    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
-               span: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Write k, v (n, H, T, Dh) and return the keys and values to attend over, and a mask or None.
-
-        pos int: every row writes positions pos..pos+T-1 and gets (n, H, pos+T, Dh), no mask needed.
-        pos LongTensor (n,): each row writes its one new key (T = 1) at its own position (a continuous batch, whose
-        streams have different lengths) and gets (n, H, span, Dh) with a mask (n, 1, 1, span) hiding the keys past
-        its position. `span` (default: the cache length, a static shape for torch.compile) must exceed every pos.
-        rows (n,): the cache rows these n inputs belong to (default: all, in order).
-        """
-        if isinstance(pos, torch.Tensor):
-            S = self.max_len if span is None else span
-            r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-            self.k[r, :, pos] = k[:, :, 0]  # (n, H, Dh) scattered, one position per row
-            self.v[r, :, pos] = v[:, :, 0]
-            keys, vals = (self.k[:, :, :S], self.v[:, :, :S]) if rows is None else (self.k[rows, :, :S],
-                                                                                     self.v[rows, :, :S])
-            mask = torch.arange(S, device=k.device)[None, :] <= pos[:, None]  # (n, S)
-            return keys, vals, mask[:, None, None, :]
-        end = pos + k.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"KV cache overflow: position {end} > cache length {self.max_len}")
-        if rows is None:
-            self.k[:, :, pos:end] = k
-            self.v[:, :, pos:end] = v
-            return self.k[:, :, :end], self.v[:, :, :end], None
-        self.k[rows, :, pos:end] = k
-        self.v[rows, :, pos:end] = v
-        return self.k[rows, :, :end], self.v[rows, :, :end], None  # gathered: (n, H, end, Dh)
+    def update(self, step: Step, where: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (n, H, T, Dh) at positions `where` (n, T) of rows `step.rows` and return the keys and values
+        to attend over: positions 0..step.span-1 of those rows (n, H, span, Dh). `Step.mask` hides the later ones."""
+        if step.span > self.max_len:
+            raise RuntimeError(f"KV cache overflow: span {step.span} > cache length {self.max_len}")
+        r = step.rows[:, None]
+        self.k[r, :, where] = k.transpose(1, 2)  # (n, T, H, Dh): advanced indices first
+        self.v[r, :, where] = v.transpose(1, 2)
+        if step.dense:  # views: no copy of the cache
+            return self.k[: step.n, :, : step.span], self.v[: step.n, :, : step.span]
+        return self.k[step.rows, :, : step.span], self.v[step.rows, :, : step.span]
 
 
 class Attention(nn.Module):
@@ -69,8 +54,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int | torch.Tensor = 0,
-                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+    def forward(self, x, rope=None, cache: KVCache | None = None, step: Step | None = None,
+                where: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Without a cache: the whole sequence, causal. With one: T inputs of `step`'s rows at positions `where`
+        (n, T), attending over the cache under `mask` (n, 1, T, span) or, where it is None, causally."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
         if rope is not None:
@@ -78,16 +65,9 @@ class Attention(nn.Module):
             v = qkv[2]
         else:
             q, k, v = qkv.unbind(0)
-        mask, causal = None, False
         if cache is not None:
-            k, v, mask = cache.update(pos, k, v, rows, span)  # (B, H, S, Dh); S = pos + T, or span with a mask
-        S = k.shape[2]
-        if mask is None and T == S:
-            causal = T > 1  # whole sequence (or a prefill from position 0)
-        elif mask is None and T > 1:  # a chunk after a cached prefix: query i (at pos + i) sees keys 0..pos + i
-            mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None]
-        # T == 1 at one position for all rows: the query sees every cached key, no mask; at a position per row, the
-        # cache's mask (n, 1, 1, S) hides each row's keys past its position.
+            k, v = cache.update(step, where, k, v)  # (B, H, S, Dh), S = step.span
+        causal = mask is None and T > 1
         y = attend(q, k, v, mask, causal, self.dropout if dropout_active(self) else 0.0)  # (B, H, T, Dh)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

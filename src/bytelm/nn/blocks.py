@@ -9,6 +9,7 @@ from torch import nn
 
 from .attention import Attention, KVCache, dropout_active
 from .rotary import rope_tables
+from .step import Step
 
 
 class MLP(nn.Module):
@@ -37,9 +38,9 @@ class Block(nn.Module):
         self.mlp = MLP(dim, int(mlp_ratio * dim), bias)
         self.drop = Dropout(dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, pos: int | torch.Tensor = 0,
-                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, rows, span))
+    def forward(self, x, rope=None, cache: KVCache | None = None, step: Step | None = None,
+                where: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, step, where, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -47,9 +48,8 @@ class TransformerStack(nn.Module):
     """`layers` pre-norm blocks and a final norm over sequences of up to `max_pos` positions.
 
     Used three times: MEGABYTE's global model (over patches), its local model (over the bytes of one patch) and the
-    byte transformer baseline (over bytes). `forward(x, caches, pos)` runs positions pos..pos+T-1; with `pos` a
-    LongTensor (n,) each row's one input sits at its own position, and `rows` (n,) names the cache rows the inputs
-    belong to (see KVCache.update): the continuous batch of bytelm.generation.engine.
+    byte transformer baseline (over bytes). `forward(x)` runs a whole sequence from position 0 (training, scoring);
+    `forward(x, caches, step)` runs T inputs of n cache rows, each row from its own position (`Step`): decoding.
     """
 
     def __init__(self, dim, layers, heads, mlp_ratio, bias, dropout, max_pos, rope: bool, rope_base: float) -> None:
@@ -68,22 +68,26 @@ class TransformerStack(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0,
-                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
-        return self.norm(self.run_blocks(x, 0, len(self.blocks), caches, pos, rows, span))
+    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, step: Step | None = None
+                ) -> torch.Tensor:
+        return self.norm(self.run_blocks(x, 0, len(self.blocks), caches, step))
 
     def run_blocks(self, x: torch.Tensor, a: int, b: int, caches: list[KVCache] | None = None,
-                   pos: int | torch.Tensor = 0, rows: torch.Tensor | None = None, span: int | None = None
-                   ) -> torch.Tensor:
+                   step: Step | None = None) -> torch.Tensor:
         """Blocks a..b-1 alone, no final norm (caches: theirs, b - a of them): a swarm server's share."""
-        T = x.shape[1]
-        rope = None
-        if self.use_rope and isinstance(pos, torch.Tensor):  # (n, 1, 1, Dh): one position per row
-            rope = (self.rope_cos[pos][:, None, None], self.rope_sin[pos][:, None, None])
-        elif self.use_rope:
-            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
+        if (caches is None) != (step is None):
+            raise ValueError("caches and step go together: both for a cached call, neither for a whole sequence")
+        T, rope, where, mask = x.shape[1], None, None, None
+        if step is not None:  # where each input sits (n, T), and which cached keys each sees: once for all blocks
+            where = step.positions(T, caches[0].max_len + 1)
+            mask = step.mask(where)
+        if self.use_rope and step is None:  # (T, Dh): positions 0..T-1
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        elif self.use_rope:  # (n, 1, T, Dh): each row's own positions
+            at = where.clamp(max=self.max_pos - 1)
+            rope = (self.rope_cos[at][:, None], self.rope_sin[at][:, None])
         for i in range(a, b):
-            x = self.blocks[i](x, rope, caches[i - a] if caches is not None else None, pos, rows, span)
+            x = self.blocks[i](x, rope, caches[i - a] if caches is not None else None, step, where, mask)
         return x
 
     def new_caches(self, batch: int, max_len: int, device, dtype) -> list[KVCache]:

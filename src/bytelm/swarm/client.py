@@ -3,7 +3,7 @@
     remote_model(MODEL, initial_peers)  a ByteLM like any other (generate, stream, the decoding engine, loss,
                                         LoRA): MEGABYTE's global model is a `RemoteStack`, a chain of servers;
                                         embeddings, the local model, the final norm and the head are local
-    RemoteStack                         TransformerStack's interface (forward(x, caches, pos, rows, span),
+    RemoteStack                         TransformerStack's interface (forward(x, caches, step),
                                         new_caches) over the swarm: caches are a `RemoteSession`
     RemoteSession                       one decoding state's chain of server sessions, with the history of calls
                                         each was sent: a failed server's part is re-routed and its history replayed,
@@ -43,12 +43,12 @@ from torch import nn
 
 from ..errors import BytelmError
 from ..io import WEIGHTS_NAME
-from ..nn import TransformerStack
+from ..nn import Step, TransformerStack
 from . import wire
 from .registry import Bans, ServerInfo, route, servers
 from .server import SpanServer, new_session_id
 from .spans import client_weights, fingerprints, load_client_parts, remote_stack
-from .wire import SwarmError
+from .wire import SwarmError, step_to_wire
 
 
 class ServerFailed(Exception):
@@ -322,10 +322,9 @@ class RemoteSession:
             if x.shape[0] <= per:
                 pieces.append((j, x, c))
                 continue
-            rows = list(range(x.shape[0])) if c["rows"] is None else c["rows"]
-            for i in range(0, x.shape[0], per):
-                pos = c["pos"][i:i + per] if isinstance(c["pos"], list) else c["pos"]
-                pieces.append((j, x[i:i + per], {**c, "pos": pos, "rows": rows[i:i + per]}))
+            for i in range(0, x.shape[0], per):  # rows are independent: a chunk of them is a call of its own
+                part = {k: c[k] if k == "span" or c[k] is None else c[k][i:i + per] for k in c}
+                pieces.append((j, x[i:i + per], part))
         parts: list[list[torch.Tensor]] = [[] for _ in xs]
         while pieces:
             batch, size = [], 0
@@ -362,10 +361,8 @@ class RemoteSession:
                     self._close(s)
         raise SwarmError(f"could not rebuild blocks {a}:{b} after {c.max_failures} failed servers")
 
-    def step(self, x: torch.Tensor, pos: int | torch.Tensor, rows: torch.Tensor | None, span: int | None
-             ) -> torch.Tensor:
-        call = {"pos": pos.tolist() if isinstance(pos, torch.Tensor) else int(pos),
-                "rows": None if rows is None else rows.tolist(), "span": span}
+    def step(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        call = step_to_wire(step)
         c = self.client
         if self.chain is None:
             self.chain = self._build(0, c.depth, [])
@@ -408,11 +405,10 @@ class RemoteSession:
         before it that wrote only such rows are dropped (a long-running engine's history stays bounded by its
         live rows). Rows are independent in every block, so what replaying the rest gives the live rows is
         unchanged."""
-        rows = set(range(self.batch)) if call["rows"] is None else set(call["rows"])
-        if call["pos"] == 0:
-            for live in self.live:
-                live -= rows
-        self.live.append(rows)
+        fresh = {r for r, p in zip(call["rows"], call["pos"], strict=True) if p == 0}
+        for live in self.live:
+            live -= fresh
+        self.live.append(set(call["rows"]))
         drop = {j for j, live in enumerate(self.live) if not live}
         if not drop:
             return
@@ -526,10 +522,10 @@ class RemoteStack(nn.Module):
         self.dim, self.heads, self.max_pos = stack.dim, stack.heads, stack.max_pos
         self.norm = stack.norm
 
-    def forward(self, x: torch.Tensor, caches: RemoteSession | None = None, pos: int | torch.Tensor = 0,
-                rows: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, caches: RemoteSession | None = None, step: Step | None = None
+                ) -> torch.Tensor:
         if caches is not None:
-            return self.norm(caches.step(x, pos, rows, span))
+            return self.norm(caches.step(x, step))
         h = x
         for peer, a, b in self.client.route(0, self.depth):
             h = _RemoteBlocks.apply(h, self.client, peer, a, b)

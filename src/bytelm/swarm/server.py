@@ -8,8 +8,9 @@ request of bytelm.swarm.wire:
     open      a decoding session: KV caches for `batch` rows of up to `max_len` positions over blocks a..b-1 (any
               sub-span of its own), refused when its cache budget, or the calling peer's share of it, cannot hold
               them, or when that peer holds `max_sessions_per_peer` sessions already
-    step      one or more calls (x, pos, rows, span) in a session, exactly TransformerStack.forward's arguments, in
-              order: one call per global step while decoding, the whole history after a failover
+    step      one or more calls (x and a Step: rows, pos, span, lens; see wire.step_from_wire) in a session,
+              exactly TransformerStack.forward's arguments, in order: one call per global step while decoding, the
+              whole history after a failover
     close     frees a session (idle sessions are freed after `session_timeout` anyway, and those of a peer that is no
               longer connected after a few seconds)
     forward   stateless, for training: blocks a..b-1 over x (B, T, D)
@@ -48,11 +49,11 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from .._version import __version__
-from ..nn import KVCache, TransformerStack
+from ..nn import KVCache, Step, TransformerStack
 from . import wire
 from .registry import OFFLINE, ServerInfo, announce, choose_span, servers
 from .spans import load_span_fingerprinted, remote_stack
-from .wire import BadMessage
+from .wire import BadMessage, step_from_wire
 
 MAX_BATCH = 1024  # rows in one request or session
 MAX_REQUEST_SECONDS = 1.0  # the default max_request_tokens: what this server computes in about this long
@@ -234,7 +235,7 @@ class SpanServer(ServicerBase):
         self.stats["sessions_opened"] += 1
         return {"cache_free": self.cache_free()}
 
-    def _step_args(self, meta, tensors, peer: str = "") -> tuple[Session, list[tuple]]:
+    def _step_args(self, meta, tensors, peer: str = "") -> tuple[Session, list[Step]]:
         s = self.sessions.get(str(meta.get("session")))
         if s is None or s.peer != peer:  # a session id is its opener's alone
             raise BadMessage("unknown session (never opened, closed, or expired)")
@@ -243,35 +244,16 @@ class SpanServer(ServicerBase):
         if not isinstance(calls, list) or not 1 <= len(calls) == len(tensors) or len(calls) > 1 << 16:
             raise BadMessage("step takes a list of calls and one tensor per call")
         checked = []
+        dev = next(self.stack.parameters()).device
         for c, x in zip(calls, tensors, strict=False):
-            if not isinstance(c, dict):
-                raise BadMessage("each call must be a map of pos, rows, span")
             x = self._check_x(x, s.batch, s.max_len)
-            n, m = x.shape[:2]
-            rows = c.get("rows")
-            if rows is None:
-                if n != s.batch:
-                    raise BadMessage(f"x has {n} rows; without `rows` a call covers all {s.batch} of the session")
-            else:
-                if not isinstance(rows, list) or len(rows) != n or len(set(rows)) != n:
-                    raise BadMessage(f"rows must list {n} distinct rows")
-                rows = torch.tensor([_int(r, "a row", 0, s.batch - 1) for r in rows])
-            pos, span = c.get("pos"), c.get("span")
-            if isinstance(pos, list):
-                if m != 1 or len(pos) != n:
-                    raise BadMessage("per-row positions take one position per row and x of one position")
-                pos = torch.tensor([_int(p, "pos", 0, s.max_len - 1) for p in pos])
-                span = _int(span, "span", int(pos.max()) + 1, s.max_len)
-            else:
-                pos = _int(pos, "pos", 0, s.max_len - m)
-                span = None if span is None else _int(span, "span", 1, s.max_len)
-            checked.append((pos, rows, span))
+            checked.append(step_from_wire(c, x.shape[0], x.shape[1], s.batch, s.max_len, dev))
         return s, checked
 
     # --- compute (in the worker thread) ----------------------------------------------------------------------------
     @torch.inference_mode()
     def _step(self, s: Session, xs, calls) -> list[torch.Tensor]:
-        return [self.stack.run_blocks(x, s.a, s.b, s.caches, *c) for x, c in zip(xs, calls, strict=False)]
+        return [self.stack.run_blocks(x, s.a, s.b, s.caches, c) for x, c in zip(xs, calls, strict=False)]
 
     @torch.inference_mode()
     def _forward(self, x, a, b) -> torch.Tensor:
@@ -307,10 +289,10 @@ def measure_throughput(stack: TransformerStack, steps: int = 8) -> float:
     caches = stack.new_caches(1, steps + 1, next(stack.parameters()).device, next(stack.parameters()).dtype)
     x = torch.zeros(1, 1, stack.dim, dtype=next(stack.parameters()).dtype)
     with torch.inference_mode():
-        stack(x, caches, 0)
+        stack(x, caches, Step.make([0], [0], 1, x.device))
         t0 = time.perf_counter()
         for p in range(1, steps + 1):
-            stack(x, caches, p)
+            stack(x, caches, Step.make([0], [p], p + 1, x.device))
     return steps / max(time.perf_counter() - t0, 1e-6)
 
 

@@ -20,6 +20,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from ..errors import BytelmError
+from ..nn import Step
 
 CHUNK_BYTES = DEFAULT_MAX_MSG_SIZE // 2  # one streamed message's tensor part
 
@@ -30,6 +31,39 @@ class SwarmError(BytelmError):
 
 class BadMessage(ValueError):
     """A message that is not what the protocol allows (wrong shape, dtype, length, value): the sender's fault."""
+
+
+def step_to_wire(step: Step) -> dict[str, Any]:
+    """A `Step` as a call's metadata: {"rows": [n], "pos": [n], "span": int, "lens": [n] or None}: host values
+    only, exactly what `step_from_wire` checks."""
+    return {"rows": list(step.slots), "pos": list(step.at), "span": step.span,
+            "lens": None if step.lens is None else list(step.lens)}
+
+
+def _ints(v, name: str, n: int, lo: int, hi: int) -> list[int]:
+    if not isinstance(v, list) or len(v) != n or not all(
+            isinstance(i, int) and not isinstance(i, bool) and lo <= i <= hi for i in v):
+        raise BadMessage(f"{name} must list {n} integers in [{lo}, {hi}]"[:200])
+    return v
+
+
+def step_from_wire(call: Any, n: int, T: int, batch: int, max_len: int, device) -> Step:
+    """The checked `Step` of a call feeding x (n, T) into a session of `batch` rows of `max_len` positions: n distinct
+    rows, each row's real inputs (`lens`, default T) inside the cache, `span` covering them."""
+    if not isinstance(call, dict):
+        raise BadMessage("each call must be a map of rows, pos, span, lens")
+    rows = _ints(call.get("rows"), "rows", n, 0, batch - 1)
+    if len(set(rows)) != n:
+        raise BadMessage(f"rows must list {n} distinct rows")
+    lens = None if call.get("lens") is None else _ints(call.get("lens"), "lens", n, 0, T)
+    ends = [T] * n if lens is None else lens
+    pos = _ints(call.get("pos"), "pos", n, 0, max_len - 1)
+    if any(p + m > max_len for p, m in zip(pos, ends, strict=True)):
+        raise BadMessage(f"a row's inputs run past the session's {max_len} positions")
+    span, need = call.get("span"), max(p + m for p, m in zip(pos, ends, strict=True))
+    if isinstance(span, bool) or not isinstance(span, int) or not max(need, 1) <= span <= max_len:
+        raise BadMessage(f"span must be an integer in [{max(need, 1)}, {max_len}], got {span!r}"[:200])
+    return Step.make(rows, pos, span, device, lens)
 
 
 def pack(tensors: Iterable[torch.Tensor], meta: dict[str, Any]) -> tuple[list[runtime_pb2.Tensor], bytes]:
