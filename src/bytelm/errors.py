@@ -9,6 +9,8 @@ still catches them.
     BytelmError
       ConfigError        a config (model, training, fine-tune) that cannot describe a run: bad value, type, field
       DataError          unusable data: a missing path, an empty file, a corpus too short for one window
+        NoSamplesError   a sound file that holds no samples
+        PromptRowsError  a number of an image's top rows to keep as a prompt that the image or the model cannot give
       CheckpointError    a model folder, run folder or checkpoint that cannot be read or written
         HubError         a hub id that cannot be resolved, or a push that failed
         AdapterError     a LoRA setting, adapter folder or base that cannot be used
@@ -37,6 +39,15 @@ class ConfigError(BytelmError):
 
 class DataError(BytelmError):
     """Unusable data: a missing path, an empty file or directory, a corpus too short for one window."""
+
+
+class NoSamplesError(DataError):
+    """A sound file that reads, but holds no samples."""
+
+
+class PromptRowsError(DataError):
+    """A number of an image's top rows to keep as a prompt that the image does not have, or that leaves the model
+    nothing to make (all of its rows)."""
 
 
 class CheckpointError(BytelmError):
@@ -89,5 +100,5 @@ class UnknownSession(BytelmError):
 
 
 __all__ = ["AdapterError", "BytelmError", "CheckpointError", "ConfigError", "ContextLengthError", "DataError",
-           "EvaluationError", "GenerationError", "GenerationFailed", "HubError", "MemoryLimitError", "TrainingDiverged",
-           "UnknownSession", "UsageError"]
+           "EvaluationError", "GenerationError", "GenerationFailed", "HubError", "MemoryLimitError", "NoSamplesError",
+           "PromptRowsError", "TrainingDiverged", "UnknownSession", "UsageError"]
