@@ -1,6 +1,6 @@
 """Controlled experiments behind bytelm's MEGABYTE: why bytelm 0.1's (the paper's design) and then 0.2's learned less
 per step than megabyte-pytorch, and what fixes it. The README's "What bytelm does differently from the paper" and
-"How the gap to megabyte-pytorch was closed" quote the table.
+the logbook's entries for bytelm 0.2 to 0.4 (docs/logbook.md) quote the table.
 
     python -m benchmarks.design VARIANT:SEED[:STEPS] ...   # each run in its own process, appended to design.jsonl
     python -m benchmarks.design --causal VARIANT ...       # causality check of structural variants

@@ -165,6 +165,46 @@ def test_bad_requests_get_errors_and_the_server_goes_on(remote, swarm):
     assert c.info(peer)["errors"] >= len(bad)
 
 
+def test_a_refusal_reaches_the_client_as_its_type(remote, swarm):
+    """The server's error reply carries a code; the client tells a lost session from a bad request by the error's
+    type (which decides whether the server is banned), not by its message."""
+    from bytelm.errors import UnknownSession
+    from bytelm.swarm import wire
+
+    for e in (UnknownSession("unknown session (never opened, closed, or expired)"), wire.BadMessage("x holds nan")):
+        got = wire.error_of(wire.unpack_meta(wire.pack([], wire.error_reply(e))[1]))
+        assert type(got) is type(e) and str(got) == str(e)
+    assert wire.error_of({"cache_free": 1}) is None
+    assert type(wire.error_of({"error": {"code": "from_a_newer_server", "message": "why"}})) is wire.BadMessage
+    assert type(wire.error_of({"error": "not a map"})) is wire.BadMessage
+
+    c, peer = remote.swarm, swarm[0].peer
+    with pytest.raises(ServerFailed, match="unknown session") as lost:
+        c.call(peer, "step", [torch.zeros(1, 1, 64)], {"session": "gone" * 4, "calls": [{"pos": 0}]})
+    assert isinstance(lost.value.error, UnknownSession) and lost.value.session_lost
+    with pytest.raises(ServerFailed, match="unknown operation") as bad:
+        c.call(peer, "launch", [], {})
+    assert isinstance(bad.value.error, wire.BadMessage) and not bad.value.session_lost
+
+
+def test_a_session_the_server_let_go_is_rebuilt_there_without_a_ban(folder, local):
+    """The only server of the span expires an idle session mid-generation: the client reopens it on the same server
+    and replays (banning the server would leave no route)."""
+    server = seen(folder, [Server(folder, "--blocks", "0:4", "--session-timeout", "1").wait()])[0]
+    try:
+        m = remote_model(str(folder), [server.addr], **CLIENT)
+        got = b""
+        for i, b in enumerate(m.stream(PROMPT, 40, temperature=0)):
+            got += b
+            if i == 10:
+                time.sleep(2.0)  # idle past --session-timeout: the next step finds the session gone
+        assert got == local.generate(PROMPT, 40, temperature=0)
+        assert m.swarm.stats["failovers"] >= 1 and not m.swarm.bans.banned(server.peer)
+        m.swarm.close()
+    finally:
+        server.kill()
+
+
 def test_payloads_over_the_unary_limit_are_streamed(remote, local, swarm):
     from bytelm.swarm import wire
 

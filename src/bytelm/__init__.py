@@ -30,6 +30,7 @@ from .errors import (
     BytelmError,
     CheckpointError,
     ConfigError,
+    ContextLengthError,
     DataError,
     EvaluationError,
     GenerationError,
@@ -69,8 +70,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AdapterError", "ByteLM", "ByteTransformer", "BytelmError", "CheckpointError", "ConfigError", "DataError",
-    "EvaluationError", "GenerationError", "GenerationFailed", "HubError", "Megabyte", "MegabyteConfig",
+    "AdapterError", "ByteLM", "ByteTransformer", "BytelmError", "CheckpointError", "ConfigError", "ContextLengthError",
+    "DataError", "EvaluationError", "GenerationError", "GenerationFailed", "HubError", "Megabyte", "MegabyteConfig",
     "MemoryLimitError", "TrainConfig", "TrainingDiverged", "TransformerConfig", "UsageError", "__version__", "build",
     "evaluate", "generate", "load", "load_adapter", "push", "stream", "train",
 ]

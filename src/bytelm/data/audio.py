@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, NoSamplesError
 from .media import AudioFormat
 
 _MULAW_ZERO, _MULAW_NEGATIVE_ZERO = 0xFF, 0x7F  # G.711's two codes for 0: libsndfile writes both, decodes both to 0
@@ -80,7 +80,7 @@ def _load(source, fmt: AudioFormat, where: str) -> np.ndarray:
     except (RuntimeError, sf.LibsndfileError, OSError) as e:
         raise DataError(f"cannot read audio {where}: {e}") from None
     if not len(x):
-        raise DataError(f"{where} holds no audio samples")
+        raise NoSamplesError(f"{where} holds no audio samples")
     x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
     if rate != fmt.sample_rate:
         import soxr

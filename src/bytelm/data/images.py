@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, PromptRowsError
 from .media import IMAGE_FITS, ImageFormat
 
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # channels -> Pillow mode
@@ -183,8 +183,8 @@ def _top_rows(img, fmt: ImageFormat, rows: int | None, where: str, rows_name: st
     if rows is None:
         rows = img.height if img.height < fmt.height else fmt.height // 2
     if not 1 <= rows <= min(img.height, fmt.height - 1):
-        raise DataError(f"{rows_name} must be in 1..{min(img.height, fmt.height - 1)} for {where} ({img.height} "
-                        f"rows; the model's images have {fmt.height}), got {rows}")
+        raise PromptRowsError(f"{rows_name} must be in 1..{min(img.height, fmt.height - 1)} for {where} "
+                              f"({img.height} rows; the model's images have {fmt.height}), got {rows}")
     _channels(img, where)  # 16-bit and float images refused, naming the file
     pixels = np.asarray(img.convert(MODES[fmt.channels]), dtype=np.uint8).reshape(img.height, fmt.width, -1)
     return pixels[:rows].tobytes()

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import GenerationError
+from ..errors import ContextLengthError, GenerationError
 from ..nn import Step
 from .sampling import MAX_SEED, check_sampling, check_seed, sample
 
@@ -72,8 +72,8 @@ def check_request(model: Decodable, prompt_len: int, max_new_bytes: int, tempera
     check_seed(seed)
     total, limit = prompt_len + max_new_bytes, model.config.max_seq_len
     if total > limit:
-        raise GenerationError(f"prompt ({prompt_len} bytes) + max_new_bytes ({max_new_bytes}) = {total} exceeds "
-                              f"this model's max_seq_len of {limit}")
+        raise ContextLengthError(f"prompt ({prompt_len} bytes) + max_new_bytes ({max_new_bytes}) = {total} exceeds "
+                                 f"this model's max_seq_len of {limit}")
 
 
 def decode(model: Decodable, x: torch.Tensor, max_new_bytes: int, temperature: float = 1.0,

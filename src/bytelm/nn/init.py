@@ -5,7 +5,7 @@
     fan_in  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) Linear weights (PyTorch's default kaiming-uniform), N(0, 1) embeddings
             and learned pads, zero biases, no depth scaling: PyTorch's defaults, as megabyte-pytorch and mblm train.
             bytelm's MEGABYTE default: at the benchmark shape and its default recipe it learns more per step than
-            with gpt2 (README, "How the gap to megabyte-pytorch was closed"). A normal draw of the same variance was
+            with gpt2 (docs/logbook.md, bytelm 0.3). A normal draw of the same variance was
             measured worse and erratic (2.970 and 2.879 bpb at two seeds, against 2.842 and 2.840 for the uniform
             one), so the draw is PyTorch's own.
 """

@@ -13,7 +13,7 @@ import secrets
 from ..data import AudioFormat, ImageFormat, Media
 from ..data import audio as audio_data
 from ..data import images as image_data
-from ..errors import DataError
+from ..errors import DataError, NoSamplesError, PromptRowsError
 from .protocol import MAX_SEED, ApiError, AudioGenerationRequest, ImageGenerationRequest
 
 ENDPOINTS = {"bytes": "POST /v1/completions or /v1/chat/completions", "image": "POST /v1/images/generations",
@@ -102,8 +102,7 @@ def image_prompt(body: ImageGenerationRequest, fmt: ImageFormat) -> bytes:
     try:
         return image_data.top_rows_of(blob, fmt, body.prompt_rows, where="the image", rows_name="prompt_rows")
     except DataError as e:
-        param = "prompt_rows" if str(e).startswith("prompt_rows") else "image"
-        raise ApiError(400, str(e), param=param) from None
+        raise ApiError(400, str(e), param="prompt_rows" if isinstance(e, PromptRowsError) else "image") from None
 
 
 def audio_request(body: AudioGenerationRequest, fmt: AudioFormat, max_len: int) -> tuple[bytes, bytes, int]:
@@ -116,8 +115,11 @@ def audio_request(body: AudioGenerationRequest, fmt: AudioFormat, max_len: int) 
     if body.audio is not None:
         try:
             prompt = audio_data.wav_to_bytes(b64_file(body.audio, "audio"), fmt, "the clip")
+        except NoSamplesError:
+            raise ApiError(400, "audio: cannot read the clip as a sound file (WAV, FLAC, OGG, ...): it holds no "
+                                "samples", param="audio") from None
         except DataError as e:  # libsndfile names the file object: keep its reason only
-            why = "it holds no samples" if "no audio samples" in str(e) else str(e).rsplit(": ", 1)[-1]
+            why = str(e).rsplit(": ", 1)[-1]
             raise ApiError(400, f"audio: cannot read the clip as a sound file (WAV, FLAC, OGG, ...): {why}",
                            param="audio") from None
     bps = fmt.bytes_per_sample

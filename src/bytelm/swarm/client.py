@@ -41,7 +41,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from torch import nn
 
-from ..errors import BytelmError
+from ..errors import BytelmError, UnknownSession
 from ..io import WEIGHTS_NAME
 from ..nn import Step, TransformerStack
 from . import wire
@@ -52,11 +52,17 @@ from .wire import SwarmError, step_to_wire
 
 
 class ServerFailed(Exception):
-    """One server did not answer, answered with an error, or answered something that cannot be right."""
+    """One server did not answer, answered with an error, or answered something that cannot be right. `error`: the
+    error it answered with, as its type (wire.error_of), or None."""
 
-    def __init__(self, peer: str, why: str) -> None:
+    def __init__(self, peer: str, why: str, error: Exception | None = None) -> None:
         super().__init__(f"server {peer[-8:]}: {why}")
-        self.peer = peer
+        self.peer, self.error = peer, error
+
+    @property
+    def session_lost(self) -> bool:
+        """The server let the session go (idle too long), which is no fault of the server's."""
+        return isinstance(self.error, UnknownSession)
 
 
 def _short(e: BaseException) -> str:
@@ -173,6 +179,9 @@ class SwarmClient:
             why = "no answer in time" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else _short(e)
             raise ServerFailed(peer, why) from None
         self.stats["bytes_received"] += wire.size_of(out_protos) + len(out_raw)
+        error = wire.error_of(out_meta)
+        if error is not None:
+            raise ServerFailed(peer, str(error), error)
         return outs, out_meta
 
     async def _call(self, peer: str, op: str, protos, raw: bytes):
@@ -386,7 +395,7 @@ class RemoteSession:
                 failures += 1
                 if failures > c.max_failures:
                     raise SwarmError(f"blocks {seg.a}:{seg.b} failed {failures} times in one step; last: {e}") from None
-                if "unknown session" not in str(e):  # not an idle session the server let go: a failed server
+                if not e.session_lost:  # not an idle session the server let go: a failed server
                     c.bans.ban(seg.peer)
                 c.stats["failovers"] += 1
                 self._close(seg)
@@ -448,7 +457,7 @@ class RemoteSession:
         try:
             agreed = c._arbitrate(seg.peer, out, seg.a, seg.b, rerun, first_other=v.peer)
         except ServerFailed as e:
-            if e.peer == v.peer and "unknown session" in str(e):  # idle too long there: a new verifier next time
+            if e.peer == v.peer and e.session_lost:  # idle too long there: a new verifier next time
                 seg.verifier = None
             else:
                 c.bans.ban(e.peer)

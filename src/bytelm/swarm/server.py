@@ -49,6 +49,7 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from .._version import __version__
+from ..errors import UnknownSession
 from ..nn import KVCache, Step, TransformerStack
 from . import wire
 from .registry import OFFLINE, ServerInfo, announce, choose_span, servers
@@ -113,8 +114,8 @@ class SpanServer(ServicerBase):
             yield msg
 
     async def handle(self, op: str, protos, raw: bytes, peer: str = "") -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """Run one operation for `peer` (its id); any problem with the request is raised as a one-line error the
-        client receives."""
+        """Run one operation for `peer` (its id); a request it refuses is answered with an error reply
+        (wire.error_reply) that names the problem in one line, and the server goes on."""
         self.stats["requests"] += 1
         try:
             meta = wire.unpack_meta(raw)
@@ -151,9 +152,9 @@ class SpanServer(ServicerBase):
                 self.stats["forwards"] += 1
                 return [await self._run(self._forward, x, a, b)], {}
             raise BadMessage(f"unknown operation {op[:40]!r}")
-        except BadMessage as e:
+        except wire.REFUSALS as e:
             self.stats["errors"] += 1
-            raise ValueError(str(e)) from None
+            return [], wire.error_reply(e)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -238,7 +239,7 @@ class SpanServer(ServicerBase):
     def _step_args(self, meta, tensors, peer: str = "") -> tuple[Session, list[Step]]:
         s = self.sessions.get(str(meta.get("session")))
         if s is None or s.peer != peer:  # a session id is its opener's alone
-            raise BadMessage("unknown session (never opened, closed, or expired)")
+            raise UnknownSession("unknown session (never opened, closed, or expired)")
         s.used = time.monotonic()
         calls = meta.get("calls")
         if not isinstance(calls, list) or not 1 <= len(calls) == len(tensors) or len(calls) > 1 << 16:

@@ -1,7 +1,9 @@
 """What crosses the network between a swarm client and a server, and nothing else: tensors through hivemind's
 serialization (protobuf: raw buffers, a dtype name and a shape; never pickle) and metadata as msgpack (plain values
 only). One request or response is an `ExpertRequest` / `ExpertResponse` of hivemind's runtime protocol: `uid` names
-the operation, `metadata` holds its arguments, `tensors` its tensors.
+the operation, `metadata` holds its arguments, `tensors` its tensors. A request the server refuses is answered with
+no tensors and `{"error": {"code": ..., "message": ...}}`: the code says which error it is, so the client acts on
+its type (`error_of`), the message says why to a person.
 
 Payloads over hivemind's unary limit (MAX_UNARY_PAYLOAD_SIZE, 2 MiB) go as a stream of chunks (hivemind's
 split_for_streaming), which the other side joins again.
@@ -19,7 +21,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
-from ..errors import BytelmError
+from ..errors import BytelmError, UnknownSession
 from ..nn import Step
 
 CHUNK_BYTES = DEFAULT_MAX_MSG_SIZE // 2  # one streamed message's tensor part
@@ -31,6 +33,29 @@ class SwarmError(BytelmError):
 
 class BadMessage(ValueError):
     """A message that is not what the protocol allows (wrong shape, dtype, length, value): the sender's fault."""
+
+    code = "bad_message"
+
+
+REFUSALS = (BadMessage, UnknownSession)  # what a server answers with an error reply, by `code`
+MAX_ERROR_CHARS = 300
+
+
+def error_reply(e: BadMessage | UnknownSession) -> dict[str, Any]:
+    """The metadata of a server's answer to a request it refused."""
+    return {"error": {"code": e.code, "message": str(e)[:MAX_ERROR_CHARS]}}
+
+
+def error_of(meta: dict[str, Any]) -> BadMessage | UnknownSession | None:
+    """The error a server answered with, as its type (an unknown code, or a reply that does not read as an error, as
+    a BadMessage), or None for an answer that is not an error."""
+    if "error" not in meta:
+        return None
+    err = meta["error"]
+    if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+        return BadMessage("an error reply that cannot be read")
+    kind = next((cls for cls in REFUSALS if cls.code == err.get("code")), BadMessage)
+    return kind(err["message"][:MAX_ERROR_CHARS])
 
 
 def step_to_wire(step: Step) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...
     Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalises each matrix's momentum by Newton-Schulz iterations;
     its update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`, Liu et al. 2025, arXiv 2502.16982), so
     one learning rate and schedule serve both. At the benchmark shape it was worth 0.24 bits per byte after 150 steps
-    (2 seeds) for ~15% more time per step in fp32 (README, "How the gap to megabyte-pytorch was closed").
+    (2 seeds) for ~15% more time per step in fp32 (docs/logbook.md, bytelm 0.4).
 
     AdamW decays matrices and embeddings, not norms, biases or the learned pad vectors (as in nanoGPT); Muon decays
     its matrices. Each group carries an `lr_scale`: parameters whose names start with a prefix of stacks["local"]

@@ -5,7 +5,7 @@
     auto   bf16 autocast on CUDA, and on a CPU with native bf16 matrix instructions (avx512_bf16 or AMX): a training
            step there takes half the time of an fp32 one, for a model that learns about as much per step (MEGABYTE
            at the benchmark shape, 150 steps: 2.845 vs. 2.844 bpb at one seed, 2.916 vs. 2.826 at another), so it
-           learns more in a given time (README, "How the gap to megabyte-pytorch was closed"). fp32 on any other
+           learns more in a given time (docs/logbook.md, bytelm 0.3). fp32 on any other
            CPU, where bf16 would be emulated (slower)
 """
 
