@@ -2,6 +2,7 @@
 CLI, the server and the swarm client."""
 
 from .decode import Decodable, as_tensor, check_request, decode, generate, stream
-from .sampling import check_sampling, sample
+from .sampling import SamplingMetadata, SamplingParams, check_sampling, sample, sample_batch
 
-__all__ = ["Decodable", "as_tensor", "check_request", "check_sampling", "decode", "generate", "sample", "stream"]
+__all__ = ["Decodable", "SamplingMetadata", "SamplingParams", "as_tensor", "check_request", "check_sampling", "decode",
+           "generate", "sample", "sample_batch", "stream"]

@@ -10,14 +10,13 @@ Inference runs under `torch.inference_mode()` and never touches `model.training`
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 
 from ..errors import GenerationError
-from .sampling import check_sampling, check_seed, sample
+from .sampling import check_length, check_sampling, check_seed, sample
 
 
 class Decodable(Protocol):
@@ -55,15 +54,8 @@ def check_request(model: Decodable, prompt_len: int, max_new_bytes: int, tempera
                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> None:
     """Everything about a generation request that can be wrong, checked before any work is done."""
     check_sampling(temperature, top_k, top_p)
-    if isinstance(max_new_bytes, bool) or not isinstance(max_new_bytes, numbers.Integral):
-        raise GenerationError(f"max_new_bytes must be an integer, got {max_new_bytes!r}")
-    if max_new_bytes < 0:
-        raise GenerationError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
     check_seed(seed)
-    total, limit = prompt_len + max_new_bytes, model.config.max_seq_len
-    if total > limit:
-        raise GenerationError(f"prompt ({prompt_len} bytes) + max_new_bytes ({max_new_bytes}) = {total} exceeds "
-                              f"this model's max_seq_len of {limit}")
+    check_length(prompt_len, max_new_bytes, model.config.max_seq_len)
 
 
 def decode(model: Decodable, x: torch.Tensor, max_new_bytes: int, temperature: float = 1.0,

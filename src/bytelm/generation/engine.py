@@ -31,32 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import BytelmError, GenerationError
-from .decode import Decodable, check_request
-from .sampling import check_logits, sample
-
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What one request asks for. temperature 0 is greedy; `stop`: byte strings that end the stream (not sent);
-    `logprobs`: None for none, n >= 0 for the chosen byte's log-probability and the n likeliest bytes'."""
-
-    max_new_bytes: int = 256
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[bytes, ...] = ()
-    logprobs: int | None = None
-
-    def check(self, model: Decodable, prompt_len: int) -> None:
-        check_request(model, prompt_len, self.max_new_bytes, self.temperature, self.top_k, self.top_p, self.seed)
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, bytes) and s for s in self.stop):
-            raise GenerationError("stop must be a tuple of non-empty byte strings")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise GenerationError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+from .decode import Decodable
+from .sampling import MAX_TOP_LOGPROBS, SamplingParams, check_logits, sample  # noqa: F401 - re-exported here
 
 
 @dataclass(frozen=True)
