@@ -1,11 +1,11 @@
 """Next-byte sampling from logits: greedy, temperature, top-k and nucleus (top-p), with settings checked up front.
 
 `sample_batch` samples every row of a batch at once from per-row settings (`SamplingMetadata`, after vLLM's): an
-all-greedy batch is one argmax; otherwise temperature, top-k and top-p are tensor ops over the batch and each row draws
-its own exponential noise, `argmax(probs / q)` with q ~ Exp(1) (the exponential race: byte i wins with probability
-probs[i]). A seeded row draws from its own `torch.Generator` only, so it gives the same bytes alone or beside any other
-rows. `sample` (one setting for every row) is the same code, so a request sampled alone equals it sampled in a batch
-bit for bit.
+all-greedy batch is one argmax; otherwise temperature, top-k and top-p are tensor ops over the batch, and each row
+draws one uniform number u and takes the first byte whose cumulative probability passes u (inverse CDF, one
+`searchsorted` for the batch). A seeded row draws from its own `torch.Generator` only, so it gives the same bytes alone
+or beside any other rows. `sample` (one setting for every row) is the same code, so a request sampled alone equals it
+sampled in a batch bit for bit.
 """
 
 from __future__ import annotations
@@ -194,19 +194,19 @@ def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
             drop = probs.cumsum(dim=-1) - probs >= meta.top_p  # mass before this byte already reaches p
             drop[:, 0] = False  # the likeliest byte always stays
             x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = x.softmax(dim=-1)
-    q = torch.empty_like(probs)
-    for i, g in meta.seeded:  # each seeded row draws 256 numbers from its own generator, whatever the batch
-        q[i].exponential_(generator=g)
+    # inverse CDF, one uniform number per row: the first byte whose cumulative weight passes u * total. A byte of
+    # weight 0 is never the first to pass, and in float64 u <= 1 - 2**-52 keeps u * total below the total (u * total
+    # rounds to at most the float below it), so some byte always passes.
+    cum = x.exp().cumsum(dim=-1, dtype=torch.float64)  # x <= 0 with 0 at the likeliest byte: exp never overflows
+    u = torch.zeros(meta.n, 1, dtype=torch.float64, device=x.device)
+    for i, g in meta.seeded:  # each seeded row draws one number from its own generator, whatever the batch
+        u[i].uniform_(generator=g)
     if meta.unseeded is not None:
         if meta.unseeded.numel() == meta.n:
-            q.exponential_()
+            u.uniform_()
         else:
-            q[meta.unseeded] = torch.empty(meta.unseeded.numel(), q.shape[1], device=q.device).exponential_()
-    if meta.greedy is not None:
-        q.masked_fill_(meta.greedy[:, None], 1.0)
-    # q = 0 would make a dropped byte's 0 / 0 a NaN that argmax picks: the clamp keeps every dropped byte at 0
-    nxt = probs.div_(q.clamp_(min=SMALLEST)).argmax(dim=-1)
+            u[meta.unseeded] = torch.rand(meta.unseeded.numel(), 1, dtype=torch.float64, device=x.device)
+    nxt = torch.searchsorted(cum, u.clamp_(max=1 - 2**-52).mul_(cum[:, -1:]), right=True).squeeze(-1)
     if meta.greedy is not None:
         nxt = torch.where(meta.greedy, logits.argmax(dim=-1), nxt)
     return nxt
@@ -219,5 +219,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     generator one after another (torch's default one without). Non-finite logits are a `GenerationFailed`.
     `sample_batch` with one row of the same settings gives the same byte, bit for bit."""
     check_logits(logits)
+    if temperature == 0:  # what an all-greedy batch does, without building its settings
+        return logits.argmax(dim=-1)
     return _sample(logits, SamplingMetadata.uniform(logits.shape[0], temperature, top_k, top_p, generator,
                                                     logits.device))
