@@ -40,32 +40,8 @@ import torch
 
 from ..errors import BytelmError, GenerationError
 from ..nn import Step
-from .decode import Decodable, check_request
-from .sampling import check_logits, sample
-
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What one request asks for. temperature 0 is greedy; `stop`: byte strings that end the stream (not sent);
-    `logprobs`: None for none, n >= 0 for the chosen byte's log-probability and the n likeliest bytes'."""
-
-    max_new_bytes: int = 256
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[bytes, ...] = ()
-    logprobs: int | None = None
-
-    def check(self, model: Decodable, prompt_len: int) -> None:
-        check_request(model, prompt_len, self.max_new_bytes, self.temperature, self.top_k, self.top_p, self.seed)
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, bytes) and s for s in self.stop):
-            raise GenerationError("stop must be a tuple of non-empty byte strings")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise GenerationError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+from .protocol import Decodable
+from .sampling import MAX_TOP_LOGPROBS, SamplingMetadata, SamplingParams, check_logits, sample_batch  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -141,6 +117,7 @@ class Engine:
         self.ids = itertools.count(1)
         self.thread: threading.Thread | None = None
         self.closing = False
+        self._meta: tuple[tuple[int, ...], SamplingMetadata] | None = None  # the last step's sampling settings
         self.clock = 0  # steps run: a row is fed when its position lines up with it (see `_due`)
         self.stats = {"requests": 0, "finished": 0, "bytes": 0, "steps": 0, "global_steps": 0, "errors": 0,
                       "prefill_calls": 0, "held_steps": 0}
@@ -335,19 +312,16 @@ class Engine:
         """One byte for every ready row (each with its own settings and generator); rows whose logits are not finite
         end with an error, the others go on."""
         logits = torch.stack([r.logits for r in ready])  # (n, 256)
-        finite = torch.isfinite(logits).all(dim=-1)
-        if not bool(finite.all()):
-            broken = [r for r, ok in zip(ready, finite.tolist(), strict=True) if not ok]
-            self._guard(broken, check_logits, logits[~finite])
-            ready = [r for r, ok in zip(ready, finite.tolist(), strict=True) if ok]
-            if not ready:
-                return
-            logits = logits[finite]
-        nxt = logits.argmax(dim=-1)  # greedy rows; the others sample with their own generator
-        for j, req in enumerate(ready):
-            p = req.params
-            if p.temperature > 0:
-                nxt[j] = sample(logits[j : j + 1], p.temperature, p.top_k, p.top_p, req.generator)[0]
+        key = tuple(r.id for r in ready)
+        if self._meta is None or self._meta[0] != key:  # the same rows as last step: the same settings
+            self._meta = key, SamplingMetadata.from_params([r.params for r in ready], [r.generator for r in ready],
+                                                           logits.device)
+        nxt, bad = sample_batch(logits, self._meta[1])
+        if bad is not None:  # rows whose model output is NaN or inf end with an error; the others go on
+            keep = (~bad).tolist()
+            self._guard([r for r, ok in zip(ready, keep, strict=True) if not ok], check_logits, logits[bad])
+            ready = [r for r, ok in zip(ready, keep, strict=True) if ok]
+            logits, nxt = logits[~bad], nxt[~bad]
         lp = torch.log_softmax(logits.float(), dim=-1) if any(r.params.logprobs is not None for r in ready) else None
         values = nxt.tolist()
         with self.cond:

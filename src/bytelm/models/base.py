@@ -52,7 +52,7 @@ class ByteLM(nn.Module):
     # --- to implement -------------------------------------------------------------------------------------------
     def new_state(self, batch: int, max_len: int) -> Any:
         """A decoding state of `batch` rows of up to `max_len` bytes; it has `global_steps`, a count of runs of the
-        model's big part (see bytelm.generation.decode.DecodeState)."""
+        model's big part (see bytelm.generation.protocol.DecodeState)."""
         raise NotImplementedError
 
     def prefill(self, x: torch.Tensor, state: Any, step: Step) -> torch.Tensor:
