@@ -33,6 +33,8 @@ class ServeArgs:
     model_name: str | None = None  # the id clients name in "model" (default: MODEL as given)
     max_streams: int = 16  # streams decoding at once (the batch's rows)
     max_queue: int = 64  # requests waiting for a stream beyond those; more get 429 with Retry-After
+    prefill_budget: int = 4096  # prompt bytes prefilled per step; longer prompts go in chunks between decode steps
+    compile: bool = False  # capture the decode step with torch.compile (a minute or two of compiling at start)
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
     drain_timeout: float = 30.0  # seconds running streams get to finish on shutdown
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -55,8 +57,8 @@ def main(argv: list[str]) -> int:
                          "missing)") from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_streams < 1 or args.max_queue < 0 or args.max_request_bytes < 1:
-        raise UsageError("--max-streams and --max-request-bytes must be >= 1, --max-queue >= 0")
+    if args.max_streams < 1 or args.max_queue < 0 or args.max_request_bytes < 1 or args.prefill_budget < 1:
+        raise UsageError("--max-streams, --prefill-budget and --max-request-bytes must be >= 1, --max-queue >= 0")
     if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
         raise UsageError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
     sock = listen(args.host, args.port)  # before the model loads: a port in use is known at once
@@ -70,7 +72,8 @@ def main(argv: list[str]) -> int:
         model = load(args.model, args.device, args.adapter, merge=True)
     model.eval()
     name = args.model_name or args.model or args.adapter
-    engine = Engine(model, max_streams=args.max_streams, max_queue=args.max_queue)
+    engine = Engine(model, max_streams=args.max_streams, max_queue=args.max_queue, prefill_budget=args.prefill_budget,
+                    compile=args.compile)
     app = create_app(engine, name, args.api_key, ServerLimits(args.max_request_bytes,
                                                                   drain_timeout_s=args.drain_timeout))
     port = sock.getsockname()[1]  # --port 0: the one the system chose

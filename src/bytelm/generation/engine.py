@@ -95,10 +95,14 @@ class Request:
 
 class Engine:
     """The scheduler over one decoding state of `max_streams` rows. Thread-safe `submit` / `cancel`; `step` runs in
-    the engine's thread (`start`) or, without one, in the caller's."""
+    the engine's thread (`start`) or, without one, in the caller's.
+
+    prefill_budget: prompt bytes prefilled per step. max_len: positions per row (default: the model's context).
+    align: line rows up on the model's decode period (see the module's docstring). compile: capture the model's
+    decode steps with torch.compile (`model.compile_decode()`; the first steps then take a while to compile)."""
 
     def __init__(self, model: Decodable, max_streams: int = 16, max_queue: int = 64, prefill_budget: int = 4096,
-                 max_len: int | None = None, align: bool = True) -> None:
+                 max_len: int | None = None, align: bool = True, compile: bool = False) -> None:
         if max_streams < 1 or max_queue < 0 or prefill_budget < 1:
             raise GenerationError("max_streams and prefill_budget must be >= 1 and max_queue >= 0")
         self.model, self.max_streams, self.max_queue = model, max_streams, max_queue
@@ -108,6 +112,8 @@ class Engine:
         self.chunk = model.prefill_align  # a prompt's chunks start at multiples of this
         self.period = model.decode_period if align else 1  # steps between runs of the model's big part
         model.check_state_memory(max_streams, self.max_len, hint="lower max_streams (bytelm serve: --max-streams)")
+        if compile:  # the model's decode steps, captured once (shared by every engine of this model)
+            model.compile_decode()
         with torch.inference_mode():
             self.state = model.new_state(max_streams, self.max_len)
         self.free = list(range(max_streams - 1, -1, -1))

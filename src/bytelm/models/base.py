@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import generation
-from ..nn import Step
+from ..nn import Step, TransformerStack
 from . import memory, persistence
 from .config import VOCAB_SIZE
 
@@ -60,6 +60,13 @@ class ByteLM(nn.Module):
 
     def decode_step(self, byte: torch.Tensor, state: Any, step: Step) -> torch.Tensor:
         raise NotImplementedError
+
+    def compile_decode(self, **options) -> None:
+        """Capture the decode step of every transformer stack of this model with torch.compile (see
+        TransformerStack.compile_step); outputs stay those of the eager step. Prefills stay eager."""
+        for m in self.modules():
+            if isinstance(m, TransformerStack):
+                m.compile_step(**options)
 
     @property
     def prefill_align(self) -> int:
