@@ -277,11 +277,7 @@ class RemoteSession:
                 if failures > c.max_failures:
                     raise SwarmError(f"blocks {link.a}:{link.b} failed {failures} times in one step; last: {e}"
                                      ) from None
-                if not e.session_lost:  # not an idle session the server let go: a failed server
-                    c.bans.ban(link.server.peer)
-                c.stats["failovers"] += 1
-                link.close()
-                self.chain[i:i + 1] = self._build(link.a, link.b, link.history)
+                self._fail_over(i, e)
                 continue
             c.bans.ok(link.server.peer)
             if c.verify_fraction and c.rng.random() < c.verify_fraction:
@@ -289,6 +285,16 @@ class RemoteSession:
             link.history.append(h, call)
             h, i = out, i + 1
         return h
+
+    def _fail_over(self, i: int, e: ServerFailed) -> None:
+        """Link i is rebuilt by replaying its history on the best chain over its blocks: the caches come back as
+        they were."""
+        link = self.chain[i]
+        if not e.session_lost:  # not an idle session the server let go: a failed server
+            self.client.bans.ban(link.server.peer)
+        self.client.stats["failovers"] += 1
+        link.close()
+        self.chain[i:i + 1] = self._build(link.a, link.b, link.history)
 
     def _build(self, a: int, b: int, history: History) -> list[Link]:
         """Open sessions on the best chain over a..b-1 and replay `history` (the calls block a was sent) through
