@@ -548,7 +548,7 @@ def test_requests_are_split_by_size_and_history_keeps_only_live_rows():
     assert live.add(call([0, 1], [0, 0])) == set() and live.add(call([0, 1], [1, 1])) == set()
     assert live.add(call([0], [0])) == set()  # row 1's caches still come from the first two calls
     assert live.add(call([1], [0])) == {0, 1}  # both rows rewritten from position 0: the first two calls go
-    assert len(live.live) == 2
+    assert len(live) == 2
 
 
 def test_the_openai_server_in_front_of_the_swarm(folder, local, swarm):

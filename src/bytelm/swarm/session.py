@@ -130,6 +130,9 @@ class LiveRows:
     def __init__(self) -> None:
         self.live: list[set[int]] = []
 
+    def __len__(self) -> int:
+        return len(self.live)
+
     def add(self, call: dict) -> set[int]:
         """Count `call` in; the indices of the calls no longer needed (forgotten here too)."""
         fresh = {r for r, p in zip(call["rows"], call["pos"], strict=True) if p == 0}
