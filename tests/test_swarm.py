@@ -534,6 +534,23 @@ def test_routing_and_span_choice():
     assert bans.until["A"] - time.monotonic() > 15  # doubled
 
 
+def test_requests_are_split_by_size_and_history_keeps_only_live_rows():
+    from bytelm.swarm.session import LiveRows, split
+
+    def call(rows, pos):
+        return {"rows": rows, "pos": pos, "span": 2, "lens": None}
+
+    xs, calls = [torch.zeros(5, 2, 1), torch.zeros(1, 2, 1)], [call([0, 1, 2, 3, 4], [0] * 5), call([3], [4])]
+    requests = split(xs, calls, 4)  # 2 rows of 2 positions fit in a request
+    assert [[(j, x.shape[0], c["rows"]) for j, x, c in r] for r in requests] == [
+        [(0, 2, [0, 1])], [(0, 2, [2, 3])], [(0, 1, [4]), (1, 1, [3])]]  # in order, the rest packed together
+    live = LiveRows()
+    assert live.add(call([0, 1], [0, 0])) == set() and live.add(call([0, 1], [1, 1])) == set()
+    assert live.add(call([0], [0])) == set()  # row 1's caches still come from the first two calls
+    assert live.add(call([1], [0])) == {0, 1}  # both rows rewritten from position 0: the first two calls go
+    assert len(live) == 2
+
+
 def test_the_openai_server_in_front_of_the_swarm(folder, local, swarm):
     pytest.importorskip("fastapi")
     from tests.test_serve import Server as HttpServer
