@@ -304,6 +304,12 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
                                     "by_mode": {mode: {"runs": [], "traffic": {"runs": []}} for mode in MODES}}
     by = lambda mname, mode: payload["models"][mname]["by_mode"][mode]  # noqa: E731
     first = suite.serve_concurrency[0]
+    parts, t_part = {}, time.perf_counter()
+
+    def part(name: str) -> None:  # seconds each part of the run took (warm-ups and compiling included)
+        nonlocal t_part
+        parts[name], t_part = time.perf_counter() - t_part, time.perf_counter()
+
     # closed loop, then batch 1: the models (and modes) interleaved at each concurrency
     for C in suite.serve_concurrency:
         for mname, model in models.items():
@@ -315,6 +321,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
             b["batch1_us_per_byte"] = batch1_seconds_per_byte(model, n, 3, mode) * 1e6
             rates = {r["streams"]: r["bytes_per_s"] for r in b["runs"]}
             b["speedup_vs_1_stream"] = {str(C): rates[C] / rates[first] for C in rates}
+    part("closed_loop_and_batch1")
     # random traffic: one stream back to back first, then the clients, interleaved likewise
     corpus = Corpus()
     temp = suite.traffic_temperature
@@ -331,16 +338,19 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
                 r = traffic(model, mode, plans, temp)
                 r["x_back_to_back"] = r["bytes_per_s"] / t["back_to_back"]["bytes_per_s"]
                 t["runs"].append(r)
+    part("traffic")
     bursts = plan(corpus, suite, suite.burst_streams, suite.burst_repeats, 1000 + suite.burst_streams)
     for mname, model in models.items():
         for mode in MODES:
             by(mname, mode)["burst"] = burst(model, mode, bursts, temp)
+    part("burst")
     for m in payload["models"].values():  # the eager closed loop and batch 1 where earlier results had them
         e = m["by_mode"]["eager"]
         m.update(runs=e["runs"], batch1_us_per_byte=e["batch1_us_per_byte"],
                  speedup_vs_1_stream=e["speedup_vs_1_stream"])
     payload["load_average_after"] = list(os.getloadavg())
     payload["seconds"] = time.perf_counter() - t_run
+    payload["part_seconds"] = parts
     write(name, payload, markdown(payload), out_dir)
     plot(payload, out_dir, name)
     return payload
