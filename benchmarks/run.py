@@ -109,6 +109,15 @@ def summary(results: dict, suite: suites.Suite, out: Path) -> str:
         rows.append(f"| serving: aggregate bytes/s at {top} streams vs. 1 (continuous batching, greedy) | "
                     f"{rate[int(top)]:,.0f} | 1 stream: {rate[1]:,.0f}; ByteTransformer at {top}: "
                     f"{tf['speedup_vs_1_stream'][top]:.1f}x its 1 | **{mb['speedup_vs_1_stream'][top]:.1f}x** |")
+        tr = {n: m["by_mode"]["eager"]["traffic"] for n, m in sv["models"].items() if "by_mode" in m}
+        if tr:  # random traffic (open loop) against one stream decoding back to back
+            runs = {n: {r["clients"]: r for r in t["runs"]} for n, t in tr.items()}
+            c = 16 if 16 in runs["megabyte"] else max(runs["megabyte"])
+            r, t = runs["megabyte"][c], runs["transformer"][c]
+            rows.append(f"| serving under random traffic: aggregate bytes/s at {c} clients vs. one stream back to back "
+                        f"(temperature {sv['traffic']['temperature']}, eager) | {r['bytes_per_s']:,.0f} | back to "
+                        f"back: {tr['megabyte']['back_to_back']['bytes_per_s']:,.0f}; ByteTransformer at {c}: "
+                        f"{t['x_back_to_back']:.1f}x its own | **{r['x_back_to_back']:.1f}x** |")
     sw = results.get("swarm")
     if sw:
         gen = {r["servers"]: r["bytes_per_s"] for r in sw["generation"]}

@@ -75,6 +75,17 @@ class Suite:
     serve_bytes: int = 256  # generated per request
     serve_rounds: int = 3  # requests per stream (closed loop)
     serve_max_len: int = 1024  # the models' context while serving (sizes the preallocated caches)
+    # serving under random traffic (open loop): each client sends max(traffic_min_per_client,
+    # ceil(traffic_requests / C)) requests, one after another, with exponential gaps between the end of one and the
+    # next arrival; prompts are stdlib text, prompt and output lengths uniform in the ranges (inclusive)
+    traffic_requests: int = 48
+    traffic_min_per_client: int = 2
+    traffic_gap_s: float = 0.05  # mean gap
+    traffic_prompt_bytes: tuple[int, int] = (8, 300)
+    traffic_output_bytes: tuple[int, int] = (32, 400)
+    traffic_temperature: float = 0.8
+    burst_streams: int = 16  # requests arriving at once, for time to first byte
+    burst_repeats: int = 5
     swarm_bytes: int = 256  # generated per run through the swarm (benchmarks/swarm.py)
     # images and audio (benchmarks/media.py): both models train at once, one thread each, for media_seconds
     media_seconds: float = 480.0
@@ -117,7 +128,8 @@ def get(name: str) -> Suite:
                      gen_bytes=2048, gen_repeats=2, peer_gen_bytes=256, peer_points=9, train_steps=3,
                      train_repeats=2, long_lengths=[8192, 32768], long_time_limit=60.0,
                      long_train_lengths=[8192, 32768, 65536], long_train_time_limit=60.0, quality_seconds=60.0,
-                     quality_eval_windows=32, serve_bytes=128, serve_rounds=2, media_seconds=120.0,
+                     quality_eval_windows=32, serve_bytes=128, serve_rounds=2, traffic_requests=16,
+                     traffic_min_per_client=1, burst_repeats=2, media_seconds=120.0,
                      media_train_images=20000, media_test_images=300, media_train_clips=16, media_test_clips=3)
     if name == "smoke":
         tiny_mb = MegabyteConfig.from_name("tiny", max_seq_len=256)
@@ -132,6 +144,8 @@ def get(name: str) -> Suite:
                      long_train_lengths=[1024], long_train_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
                      serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256,
+                     traffic_requests=4, traffic_min_per_client=1, traffic_gap_s=0.005, traffic_prompt_bytes=(8, 64),
+                     traffic_output_bytes=(8, 32), burst_streams=4, burst_repeats=1,
                      media_seconds=0.5, media_real=False, media_train_images=64, media_test_images=8,
                      media_image_batch=4, media_train_clips=4, media_test_clips=2, media_audio_seq_len=256,
                      media_audio_batch=2, media_warmup_steps=2,

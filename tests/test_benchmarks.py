@@ -64,6 +64,23 @@ def test_quality_trains_every_model(smoke):
         assert r["steps"] > 0 and 0 < r["val_bpb"] < 10
 
 
+def test_serving_measures_random_traffic_a_burst_and_the_closed_loop(smoke):
+    _, results = smoke
+    sv, suite = results["serving"], suites.get("smoke")
+    assert sv["compiled_available"] == ("compiled" in sv["modes"])
+    for m in sv["models"].values():
+        assert set(m["by_mode"]) == set(sv["modes"]) and m["runs"] == m["by_mode"]["eager"]["runs"]
+        for b in m["by_mode"].values():
+            t = b["traffic"]
+            assert [r["clients"] for r in t["runs"]] == suite.serve_concurrency
+            for r in [t["back_to_back"], *t["runs"]]:
+                assert r["bytes_per_s"] > 0 and 0 < r["ttfb_p50_ms"] <= r["ttfb_p99_ms"]
+                assert 0 < r["global_step_fraction"] <= 1
+                assert r["bytes"] >= r["requests"] * suite.traffic_output_bytes[0]
+            assert 0 < b["burst"]["ttfb_p50_ms"] <= b["burst"]["ttfb_max_ms"]
+            assert [r["streams"] for r in b["runs"]] == suite.serve_concurrency and b["batch1_us_per_byte"] > 0
+
+
 def test_fit_exponent_recovers_a_power_law():
     xs = [1e3, 1e4, 1e5]
     assert common.fit_exponent(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
