@@ -32,6 +32,7 @@ in one run.
 from __future__ import annotations
 
 import argparse
+import copy
 import heapq
 import inspect
 import math
@@ -56,8 +57,15 @@ COMPILED = "compile" in inspect.signature(Engine).parameters  # Engine(..., comp
 MODES = ["eager", "compiled"] if COMPILED else ["eager"]
 
 
+_COMPILED: dict[int, object] = {}  # id(model) -> its copy with compiled decode steps (compiling changes a model)
+
+
 def make_engine(model, mode: str, max_streams: int, max_queue: int | None = None) -> Engine:
-    kw = {"compile": True} if mode == "compiled" else {}
+    kw = {}
+    if mode == "compiled":
+        if id(model) not in _COMPILED:
+            _COMPILED[id(model)] = copy.deepcopy(model)
+        model, kw = _COMPILED[id(model)], {"compile": True}
     return Engine(model, max_streams=max_streams, max_queue=max_streams if max_queue is None else max_queue, **kw)
 
 

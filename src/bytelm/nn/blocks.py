@@ -80,7 +80,8 @@ class TransformerStack(nn.Module):
         """Capture the decode step (one input per row) with torch.compile: one graph for any number of rows, any
         positions and any span (dynamic shapes, so traffic never triggers a recompile), which removes the Python
         and per-operation overhead of a step's ~10 ops per layer. Prefills stay eager."""
-        self.compiled_step = torch.compile(self._step, dynamic=True, **options)
+        if self.compiled_step is None:  # once: every engine of this model shares the compiled step
+            self.compiled_step = torch.compile(self._step, dynamic=True, **options)
 
     def _step(self, x: torch.Tensor, caches: list[KVCache], rows: torch.Tensor, pos: torch.Tensor, span: int,
               dense: bool) -> torch.Tensor:
