@@ -1,5 +1,5 @@
 """Serving: what users of the continuous-batching engine meet, MEGABYTE against the byte transformer, eager and
-compiled (`Engine(..., compile=True)`, measured when the engine takes it, else recorded as unavailable):
+compiled (`Engine(..., compile=True)`; the smoke suite runs eager only, to stay quick):
 
     python -m benchmarks.serving --suite quick|full|smoke [--out DIR] [--name serving] [--threads 1]
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import heapq
-import inspect
 import math
 import os
 import queue
@@ -53,8 +52,6 @@ from .common import RESULTS, fmt_params, median, pyplot, write
 
 CONCURRENCY = [1, 4, 16, 64]
 SEED = 19  # every random choice of the traffic (prompts, lengths, gaps, sampling seeds) derives from it
-COMPILED = "compile" in inspect.signature(Engine).parameters  # Engine(..., compile=True): measured when present
-MODES = ["eager", "compiled"] if COMPILED else ["eager"]
 
 
 _COMPILED: dict[int, object] = {}  # id(model) -> its copy with compiled decode steps (compiling changes a model)
@@ -289,6 +286,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
     t_run = time.perf_counter()
     load_before = os.getloadavg()
     n, rounds = suite.serve_bytes, suite.serve_rounds
+    modes = ["eager", "compiled"] if suite.serve_compile else ["eager"]
     models = {}
     for mname, cfg, cls in (("megabyte", suite.megabyte, Megabyte), ("transformer", suite.transformer_gen,
                                                                       ByteTransformer)):
@@ -296,7 +294,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
         models[mname] = cls(cfg.replace(max_seq_len=suite.serve_max_len)).eval()
     bandwidth = memory_bandwidth()
     payload = {"bytes_per_request": n, "prompt_bytes": 64, "rounds": rounds, "memory_bandwidth_gb_s": bandwidth / 1e9,
-               "threads": torch.get_num_threads(), "modes": MODES, "compiled_available": COMPILED,
+               "threads": torch.get_num_threads(), "modes": modes, "compiled_available": suite.serve_compile,
                "load_average_before": list(load_before),
                "traffic": {"seed": SEED, "requests": suite.traffic_requests,
                            "min_per_client": suite.traffic_min_per_client, "gap_s": suite.traffic_gap_s,
@@ -309,7 +307,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
         payload["models"][mname] = {"params": model.num_params(), "megabyte": isinstance(model, Megabyte),
                                     "weight_bytes_per_byte": weight_bytes_per_byte(model),
                                     "weight_read_us_per_byte": weight_bytes_per_byte(model) / bandwidth * 1e6,
-                                    "by_mode": {mode: {"runs": [], "traffic": {"runs": []}} for mode in MODES}}
+                                    "by_mode": {mode: {"runs": [], "traffic": {"runs": []}} for mode in modes}}
     by = lambda mname, mode: payload["models"][mname]["by_mode"][mode]  # noqa: E731
     first = suite.serve_concurrency[0]
     parts, t_part = {}, time.perf_counter()
@@ -321,10 +319,10 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
     # closed loop, then batch 1: the models (and modes) interleaved at each concurrency
     for C in suite.serve_concurrency:
         for mname, model in models.items():
-            for mode in MODES:
+            for mode in modes:
                 by(mname, mode)["runs"].append(serve(model, C, n, rounds, mode=mode))
     for mname, model in models.items():
-        for mode in MODES:
+        for mode in modes:
             b = by(mname, mode)
             b["batch1_us_per_byte"] = batch1_seconds_per_byte(model, n, 3, mode) * 1e6
             rates = {r["streams"]: r["bytes_per_s"] for r in b["runs"]}
@@ -335,13 +333,13 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
     temp = suite.traffic_temperature
     per_client = lambda C: max(suite.traffic_min_per_client, math.ceil(suite.traffic_requests / C))  # noqa: E731
     for mname, model in models.items():
-        for mode in MODES:
+        for mode in modes:
             by(mname, mode)["traffic"]["back_to_back"] = traffic(model, mode, plan(corpus, suite, 1, per_client(1), 1),
                                                                  temp, gaps=False)
     for C in suite.serve_concurrency:
         plans = plan(corpus, suite, C, per_client(C), C)
         for mname, model in models.items():
-            for mode in MODES:
+            for mode in modes:
                 t = by(mname, mode)["traffic"]
                 r = traffic(model, mode, plans, temp)
                 r["x_back_to_back"] = r["bytes_per_s"] / t["back_to_back"]["bytes_per_s"]
@@ -349,7 +347,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, name: str = "serving") -> dict:
     part("traffic")
     bursts = plan(corpus, suite, suite.burst_streams, suite.burst_repeats, 1000 + suite.burst_streams)
     for mname, model in models.items():
-        for mode in MODES:
+        for mode in modes:
             by(mname, mode)["burst"] = burst(model, mode, bursts, temp)
     part("burst")
     for m in payload["models"].values():  # the eager closed loop and batch 1 where earlier results had them
@@ -372,7 +370,7 @@ def _load(p: dict) -> str:
 def markdown(p: dict) -> str:
     t = p["traffic"]
     compiled = ("eager and compiled (`Engine(..., compile=True)`)" if p["compiled_available"] else
-                "eager only: compiled unavailable (this `Engine` takes no `compile`)")
+                "eager only (this suite does not compile)")
     rows = ["# Serving: continuous batching (`python -m benchmarks.serving`)", "",
             f"The engine driven in-process (no HTTP), {compiled}; {p['threads']} torch "
             f"thread{'s' if p['threads'] != 1 else ''}; "

@@ -75,6 +75,7 @@ class Suite:
     serve_bytes: int = 256  # generated per request
     serve_rounds: int = 3  # requests per stream (closed loop)
     serve_max_len: int = 1024  # the models' context while serving (sizes the preallocated caches)
+    serve_compile: bool = True  # also measure Engine(compile=True)
     # serving under random traffic (open loop): each client sends max(traffic_min_per_client,
     # ceil(traffic_requests / C)) requests, one after another, with exponential gaps between the end of one and the
     # next arrival; prompts are stdlib text, prompt and output lengths uniform in the ranges (inclusive)
@@ -144,6 +145,7 @@ def get(name: str) -> Suite:
                      long_train_lengths=[1024], long_train_time_limit=20.0,
                      quality_seconds=1.0, quality_seq_len=64, quality_batch=2, quality_eval_windows=4,
                      serve_concurrency=[1, 4], swarm_bytes=16, serve_bytes=16, serve_rounds=1, serve_max_len=256,
+                     serve_compile=False,
                      traffic_requests=4, traffic_min_per_client=1, traffic_gap_s=0.005, traffic_prompt_bytes=(8, 64),
                      traffic_output_bytes=(8, 32), burst_streams=4, burst_repeats=1,
                      media_seconds=0.5, media_real=False, media_train_images=64, media_test_images=8,

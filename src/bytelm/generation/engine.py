@@ -277,7 +277,7 @@ class Engine:
         for req in pending:
             left = len(req.prompt) - req.prefilled
             take = left if left <= budget else budget - budget % self.chunk
-            if take <= 0 and out:
+            if take <= 0 and left and out:  # the budget is spent (an empty prompt costs nothing)
                 break
             out.append((req, max(take, min(left, self.chunk))))
             budget -= out[-1][1]

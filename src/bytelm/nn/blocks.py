@@ -44,6 +44,9 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+GRAPHS = 64  # compiled decode graphs allowed per process (see TransformerStack.forward)
+
+
 class TransformerStack(nn.Module):
     """`layers` pre-norm blocks and a final norm over sequences of up to `max_pos` positions.
 
@@ -73,6 +76,11 @@ class TransformerStack(nn.Module):
     def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None, step: Step | None = None
                 ) -> torch.Tensor:
         if self.compiled_step is not None and step is not None and x.shape[1] == 1 and step.lens is None:
+            # One code object serves every stack of the process, each with its own graphs (one row or more, dense
+            # or not): dynamo's default of 8 graphs a function would send the later stacks back to eager. Its
+            # config is per thread, and the engine steps in a thread of its own: so here, not at compile time.
+            if torch._dynamo.config.recompile_limit < GRAPHS:
+                torch._dynamo.config.recompile_limit = GRAPHS
             return self.compiled_step(x, caches, step.rows, step.pos, step.span, step.dense)
         return self.norm(self.run_blocks(x, 0, len(self.blocks), caches, step))
 
