@@ -125,11 +125,15 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model):
     assert bytes(outs["long"]) == model.generate(long_prompt, 5, temperature=0)
 
 
-def test_prompts_arriving_together_are_prefilled_in_one_call(megabyte):
+@pytest.mark.parametrize("lengths, calls", [([20, 21, 22, 23, 24, 25, 24, 20], 1), ([4, 5, 6, 100, 110, 400], 3)])
+def test_prompts_arriving_together_are_prefilled_in_few_calls(megabyte, lengths, calls):
+    """Prompts arriving in one step share prefill calls by length: one call for similar lengths, never one padded
+    to many times its bytes; each stream is what it is alone."""
     engine = Engine(megabyte, max_streams=8)
-    reqs = [(bytes(range(i, 3 * i + 1)), SamplingParams(max_new_bytes=9, temperature=0)) for i in range(8)]
+    reqs = [(bytes(random.Random(n).randrange(256) for _ in range(n)), SamplingParams(max_new_bytes=9, temperature=0))
+            for n in lengths]
     assert _run(engine, {0: reqs}) == [megabyte.generate(p, 9, temperature=0) for p, _ in reqs]
-    assert engine.stats["prefill_calls"] == 1
+    assert engine.stats["prefill_calls"] == calls
 
 
 @pytest.mark.slow

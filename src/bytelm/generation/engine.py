@@ -93,6 +93,23 @@ class Request:
         self.cancelled = True
 
 
+PADDING = 1.25  # a batched prefill computes at most this much more than its real bytes (see `_groups`)
+
+
+def _groups(chunks: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """A step's prefill chunks in as few batched calls as keep the right padding under PADDING: the chunks by length,
+    a new call where the longest so far would pad the call past that. Prompts of similar lengths share a call; a
+    64-byte prompt is never padded to a 4,096-byte one's length."""
+    out: list[list[tuple[Request, int]]] = []
+    for c in sorted(chunks, key=lambda c: c[1]):
+        g = out[-1] if out else None
+        if g is not None and (len(g) + 1) * c[1] <= PADDING * (sum(n for _, n in g) + c[1]) + 1:
+            g.append(c)
+        else:
+            out.append([c])
+    return out
+
+
 class Engine:
     """The scheduler over one decoding state of `max_streams` rows. Thread-safe `submit` / `cancel`; `step` runs in
     the engine's thread (`start`) or, without one, in the caller's.
@@ -101,7 +118,7 @@ class Engine:
     align: line rows up on the model's decode period (see the module's docstring). compile: capture the model's
     decode steps with torch.compile (`model.compile_decode()`; the first steps then take a while to compile)."""
 
-    def __init__(self, model: Decodable, max_streams: int = 16, max_queue: int = 64, prefill_budget: int = 4096,
+    def __init__(self, model: Decodable, max_streams: int = 16, max_queue: int = 64, prefill_budget: int = 1024,
                  max_len: int | None = None, align: bool = True, compile: bool = False) -> None:
         if max_streams < 1 or max_queue < 0 or prefill_budget < 1:
             raise GenerationError("max_streams and prefill_budget must be >= 1 and max_queue >= 0")
@@ -116,6 +133,8 @@ class Engine:
             model.compile_decode()
         with torch.inference_mode():
             self.state = model.new_state(max_streams, self.max_len)
+            if compile:
+                self._compile_now()
         self.free = list(range(max_streams - 1, -1, -1))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -127,6 +146,17 @@ class Engine:
         self.clock = 0  # steps run: a row is fed when its position lines up with it (see `_due`)
         self.stats = {"requests": 0, "finished": 0, "bytes": 0, "steps": 0, "global_steps": 0, "errors": 0,
                       "prefill_calls": 0, "held_steps": 0}
+
+    def _compile_now(self) -> None:
+        """Compile every decode-step graph before any request, not under traffic: one row and several, in slot order
+        and not, inside a patch and at its border. Rows are prefilled from position 0 before they are used, so what
+        these steps write into the fresh state is never read."""
+        period, dev = self.model.decode_period, self.model.device
+        sets = [[0], [1], [0, 1], [1, 0]] if self.max_streams > 1 else [[0]]
+        for rows in sets:
+            for t in sorted({0, period - 1}):
+                byte = torch.zeros(len(rows), dtype=torch.long, device=dev)
+                self.model.decode_step(byte, self.state, Step.make(rows, [t] * len(rows), t + 1, dev))
 
     # --- clients --------------------------------------------------------------------------------------------------
     def submit(self, prompt: bytes, params: SamplingParams, on_output: Callable[[Output], None]) -> Request:
@@ -247,8 +277,8 @@ class Engine:
         rows = sorted(self.running.values(), key=lambda r: r.slot)  # slot order: all slots running steps on views
         with torch.inference_mode():
             chunks = self._chunks([r for r in rows if r.prefilling])
-            if chunks:
-                self._guard([r for r, _ in chunks], self._prefill, chunks)
+            for group in _groups(chunks):
+                self._guard([r for r, _ in group], self._prefill, group)
             ready = [r for r in rows if r.logits is not None and not r.finished]
             if ready:
                 self._guard(ready, self._sample, ready)
