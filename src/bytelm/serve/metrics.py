@@ -26,6 +26,10 @@ class EngineCollector:
         yield CounterMetricFamily("bytelm_decode_steps", "batched decode steps", value=s["steps"])
         yield CounterMetricFamily("bytelm_global_steps", "batched global-model steps (MEGABYTE: one per completed "
                                   "patch batch; rate() gives global steps/s)", value=s["global_steps"])
+        yield CounterMetricFamily("bytelm_prefill_calls", "batched prefill calls (a step's prompts, grouped by "
+                                  "length)", value=s["prefill_calls"])
+        yield CounterMetricFamily("bytelm_held_steps", "steps a row waited with a sampled byte to line up on the "
+                                  "model's patch borders (at most P - 1 once per request)", value=s["held_steps"])
         yield CounterMetricFamily("bytelm_engine_errors", "model steps that failed", value=s["errors"])
 
 
