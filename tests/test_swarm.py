@@ -628,3 +628,29 @@ def test_a_long_running_engine_keeps_a_bounded_history_and_survives_a_kill(folde
     finally:
         for s in servers:
             s.kill()
+
+
+@pytest.mark.parametrize("version, ok", [("0.6.0", True), ("0.6.12", True), ("0.7.0", True), ("0.5.3", False),
+                                         ("1.0.0", False), ("", False), ("dev", False)])
+def test_which_server_versions_take_this_clients_calls(version, ok):
+    from bytelm.swarm.wire import speaks_our_wire
+
+    assert speaks_our_wire(version) is ok
+
+
+def test_servers_of_an_older_wire_are_left_out_and_named(remote, monkeypatch):
+    # a server announcing a bytelm from before the Step calls would refuse every one: never routed to, and named
+    from bytelm.swarm import peers
+    from bytelm.swarm.registry import ServerInfo
+
+    c = remote.swarm
+    old = {"12D3KooWold0server": ServerInfo(0, c.depth, 100.0, 1 << 30, version="0.5.0")}
+    monkeypatch.setattr(peers, "servers", lambda *a: old)
+    try:
+        assert c.refresh(force=True) == {} and list(c.old) == list(old)
+        with pytest.raises(SwarmError, match=r"refused 1 server\(s\) running a bytelm whose calls differ .*0\.5\.0"):
+            c.route(0, c.depth)
+    finally:
+        monkeypatch.undo()
+        c.refresh(force=True)
+    assert c.old == {} and c.infos

@@ -173,6 +173,9 @@ def _status(argv: list[str]) -> int:
             what = ("announces no fingerprints" if not i.fingerprints else
                     f"mismatched fingerprints at block{'s' if len(differ) > 1 else ''} {', '.join(map(str, differ))}")
             print(f"  {peer}  blocks {i.start}:{i.end}  {what}  (bytelm {i.version or '?'})")
+        for peer, i in sorted(client.old.items(), key=lambda kv: (kv[1].start, kv[0])):
+            print(f"  {peer}  blocks {i.start}:{i.end}  refused: bytelm {i.version or '?'} does not take this "
+                  "version's calls (upgrade it)")
         cov = coverage(infos, depth)
         gaps = [b for b, c in enumerate(cov) if c == 0]
         print("blocks nobody serves: " + (", ".join(map(str, gaps)) if gaps else "none"))

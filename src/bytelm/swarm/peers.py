@@ -73,6 +73,7 @@ class SwarmClient:
         self.swarm, self.depth = swarm, depth
         self.fingerprints = None if fingerprints is None else tuple(fingerprints)
         self.others: dict[str, tuple[ServerInfo, list[int]]] = {}  # refused: other weights (the blocks that differ)
+        self.old: dict[str, ServerInfo] = {}  # refused: a bytelm whose calls differ from ours (wire.speaks_our_wire)
         self.limits: dict[str, int] = {}  # max_request_tokens of each server, from its info
         self.request_timeout, self.refresh_period, self.max_failures = request_timeout, refresh_period, max_failures
         self.verify_fraction, self.verify_tolerance = verify_fraction, verify_tolerance
@@ -105,10 +106,12 @@ class SwarmClient:
         (its round trip is what routing charges for one more hop)."""
         if force or time.monotonic() - self._seen > self.refresh_period:
             found, self._seen = servers(self.dht, self.swarm, self.depth), time.monotonic()
-            self.infos, self.others = {}, {}
+            self.infos, self.others, self.old = {}, {}, {}
             for peer, info in found.items():
                 differ = [] if self.fingerprints is None else info.mismatches(self.fingerprints)
-                if differ:
+                if not wire.speaks_our_wire(info.version):
+                    self.old[peer] = info
+                elif differ:
                     self.others[peer] = (info, differ)
                 else:
                     self.infos[peer] = info
@@ -139,6 +142,11 @@ class SwarmClient:
                   if i.start < b and a < i.end]
         refused = (f"; refused {len(others)} server(s) of this swarm name with other weights ({', '.join(others)}): "
                    "they serve another model or fine-tune" if others else "")
+        old = [f"{p[-8:]} {i.start}:{i.end} (bytelm {i.version or '?'})" for p, i in sorted(self.old.items())
+               if i.start < b and a < i.end]
+        if old:
+            refused += f"; refused {len(old)} server(s) running a bytelm whose calls differ ({', '.join(old)}): " \
+                       "upgrade them"
         raise SwarmError(f"no server of swarm {self.swarm} with this model's weights can serve blocks {a}:{b} now "
                          f"(servers: {known}){refused}")
 

@@ -58,6 +58,21 @@ def error_of(meta: dict[str, Any]) -> BadMessage | UnknownSession | None:
     return kind(err["message"][:MAX_ERROR_CHARS])
 
 
+# The bytelm version that last changed what crosses the wire (0.6: a step's call is a Step's schema). A server of an
+# earlier one would refuse every call; clients leave such servers out instead of failing over from them.
+WIRE_SINCE = (0, 6)
+
+
+def speaks_our_wire(version: str) -> bool:
+    """Whether a server announcing bytelm `version` takes this client's calls: major.minor at or after WIRE_SINCE
+    and the same major (an unknown or unparsable version: no)."""
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return False
+    return major == WIRE_SINCE[0] and (major, minor) >= WIRE_SINCE
+
+
 def step_to_wire(step: Step) -> dict[str, Any]:
     """A `Step` as a call's metadata: {"rows": [n], "pos": [n], "span": int, "lens": [n] or None}: host values
     only, exactly what `step_from_wire` checks."""
