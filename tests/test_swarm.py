@@ -190,8 +190,9 @@ def test_a_refusal_reaches_the_client_as_its_type(remote, swarm):
 def test_a_session_the_server_let_go_is_rebuilt_there_without_a_ban(folder, local):
     """The only server of the span expires an idle session mid-generation: the client reopens it on the same server
     and replays (banning the server would leave no route)."""
-    server = seen(folder, [Server(folder, "--blocks", "0:4", "--session-timeout", "1").wait()])[0]
-    try:
+    server, m = Server(folder, "--blocks", "0:4", "--session-timeout", "1"), None
+    try:  # the server dies with the test whatever fails, its start too
+        seen(folder, [server.wait()])
         m = remote_model(str(folder), [server.addr], **CLIENT)
         got = b""
         for i, b in enumerate(m.stream(PROMPT, 40, temperature=0)):
@@ -200,8 +201,9 @@ def test_a_session_the_server_let_go_is_rebuilt_there_without_a_ban(folder, loca
                 time.sleep(2.0)  # idle past --session-timeout: the next step finds the session gone
         assert got == local.generate(PROMPT, 40, temperature=0)
         assert m.swarm.stats["failovers"] >= 1 and not m.swarm.bans.banned(server.peer)
-        m.swarm.close()
     finally:
+        if m is not None:
+            m.swarm.close()
         server.kill()
 
 
@@ -348,11 +350,12 @@ def test_finetune_through_the_swarm_equals_local(remote, local, folder):
 
 
 def test_a_server_killed_mid_generation_changes_nothing_and_a_late_joiner_is_used(folder, local):
-    first = Server(folder, "--blocks", "0:4", "--throughput", "10").wait()  # announced slow: a faster one wins
-    servers = seen(folder, [first, Server(folder, "--blocks", "0:4", "--throughput", "10", "--initial-peers",
-                                          first.addr).wait()])
+    servers = [Server(folder, "--blocks", "0:4", "--throughput", "10")]  # announced slow: a faster one wins
     late = None
-    try:
+    try:  # every server dies with the test, whatever fails, their starts too
+        servers.append(Server(folder, "--blocks", "0:4", "--throughput", "10", "--initial-peers",
+                              servers[0].wait().addr))
+        seen(folder, [s.wait() for s in servers])
         m = remote_model(str(folder), [servers[0].addr], **CLIENT)
         want = local.generate(PROMPT, 64, temperature=0)
         got, killed = b"", None
@@ -384,10 +387,11 @@ def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
     # the honest servers announce themselves slow (0.1 s for the span) and the liar fast, so every route starts with
     # the liar whatever the measured round trips (milliseconds apart on a busy machine) say
     honest = start(folder, ["0:4", "0:4"], "--throughput", "10")
-    liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest[0].addr, "--throughput", "1000000",
-                  liar=True).wait()
-    seen(folder, [*honest, liar])
-    try:
+    liar = None
+    try:  # every server dies with the test, whatever fails, their starts too
+        liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest[0].addr, "--throughput", "1000000",
+                      liar=True)
+        seen(folder, [*honest, liar.wait()])
         m = remote_model(str(folder), [honest[0].addr], verify_fraction=1.0, **CLIENT)
         assert m.swarm.route(0, 4)[0][0] == liar.peer
         assert m.generate(PROMPT, 40, temperature=0) == local.generate(PROMPT, 40, temperature=0)
@@ -398,7 +402,8 @@ def test_a_lying_server_is_caught_by_the_spot_check(folder, local):
         unchecked.swarm.close()
     finally:
         for s in [*honest, liar]:
-            s.kill()
+            if s is not None:
+                s.kill()
 
 
 def test_no_server_for_a_span_is_one_clear_error(folder, capsys):
@@ -458,11 +463,11 @@ def test_two_servers_that_disagree_and_no_third_fail_the_generation_loudly(folde
     # generation stops with exit 2 and one line, never exit 0 with bytes that may be the liar's
     from bytelm.cli import main
 
-    honest = Server(folder, "--blocks", "0:4", "--throughput", "10").wait()
-    liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest.addr, "--throughput", "1000000",
-                  liar=True).wait()
-    try:
-        seen(folder, [honest, liar])
+    honest, liar = Server(folder, "--blocks", "0:4", "--throughput", "10"), None
+    try:  # both die with the test, whatever fails, their starts too
+        liar = Server(folder, "--blocks", "0:4", "--initial-peers", honest.wait().addr, "--throughput", "1000000",
+                      liar=True)
+        seen(folder, [honest, liar.wait()])
         assert main(["swarm", "generate", str(folder), "--initial-peers", honest.addr, "--prompt", "x",
                      "--max-bytes", "40", "--temperature", "0", "--verify-fraction", "1",
                      "--request-timeout", "10"]) == 2
@@ -470,7 +475,8 @@ def test_two_servers_that_disagree_and_no_third_fail_the_generation_loudly(folde
         assert last.startswith("bytelm swarm: error: generation failed after ") and "disagree" in last, last
     finally:
         for s in (honest, liar):
-            s.kill()
+            if s is not None:
+                s.kill()
 
 
 def test_status_lists_the_servers_and_the_gaps(folder, swarm, capsys):
