@@ -34,7 +34,7 @@ class ServeArgs:
     max_streams: int = 16  # streams decoding at once (the batch's rows)
     max_queue: int = 64  # requests waiting for a stream beyond those; more get 429 with Retry-After
     prefill_budget: int = 1024  # prompt bytes prefilled per step; more waits, longer prompts go in chunks between steps
-    compile: bool = False  # capture the decode step with torch.compile (a minute or two of compiling at start)
+    compile: bool = False  # capture the decode step with torch.compile (minutes of compiling before serving)
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
     drain_timeout: float = 30.0  # seconds running streams get to finish on shutdown
     device: str = "auto"  # auto | cpu | cuda | cuda:N
