@@ -18,7 +18,7 @@ import torch
 from ..errors import GenerationError
 from .engine import Engine
 from .protocol import Decodable, as_tensor, check_request
-from .sampling import MAX_SEED, SamplingParams, sample
+from .sampling import MAX_SEED, SamplingMetadata, SamplingParams, check_logits, sample_batch
 
 
 def decode(model: Decodable, x: torch.Tensor, max_new_bytes: int, temperature: float = 1.0,
@@ -60,14 +60,17 @@ def _engine_decode(model, x, max_new_bytes, temperature, top_k, top_p, seed) -> 
 
 
 def _recompute(model, x, max_new_bytes, temperature, top_k, top_p, seed) -> Iterator[torch.Tensor]:
-    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
-    B = x.shape[0]
+    B = x.shape[0]  # each row draws from its own generator, seeded seed + i, as in the engine
+    gens = [None if seed is None else torch.Generator(device=x.device).manual_seed(seed + i) for i in range(B)]
+    meta = SamplingMetadata.build([temperature] * B, [top_k] * B, [top_p] * B, gens, x.device)
     seq = x
     for _ in range(max_new_bytes):
         with torch.inference_mode():
             # logits at position L depend on x[:, :L] only, so a dummy byte there gives the next-byte prediction
             logits = model(torch.cat((seq, seq.new_zeros(B, 1)), dim=1))[:, -1]
-            nxt = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt, bad = sample_batch(logits, meta)  # (B,)
+            if bad is not None:
+                check_logits(logits)
         yield nxt  # outside inference mode: the caller's code runs as it would anywhere
         seq = torch.cat((seq, nxt.view(B, 1)), dim=1)
 
