@@ -38,6 +38,7 @@ import math
 import os
 import queue
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,16 @@ CONCURRENCY = [1, 4, 16, 64]
 SEED = 19  # every random choice of the traffic (prompts, lengths, gaps, sampling seeds) derives from it
 
 
-_COMPILED: dict[int, object] = {}  # id(model) -> its copy with compiled decode steps (compiling changes a model)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its copy with compiled decode steps
+# (compiling changes a model, so eager runs keep the original)
 
 
 def make_engine(model, mode: str, max_streams: int, max_queue: int | None = None) -> Engine:
     kw = {}
     if mode == "compiled":
-        if id(model) not in _COMPILED:
-            _COMPILED[id(model)] = copy.deepcopy(model)
-        model, kw = _COMPILED[id(model)], {"compile": True}
+        if model not in _COMPILED:
+            _COMPILED[model] = copy.deepcopy(model)
+        model, kw = _COMPILED[model], {"compile": True}
     return Engine(model, max_streams=max_streams, max_queue=max_streams if max_queue is None else max_queue, **kw)
 
 

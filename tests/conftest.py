@@ -27,6 +27,18 @@ def make(cfg):
     return model.eval()
 
 
+def decode_and_check(model, state, x: torch.Tensor, full: torch.Tensor, pos: list[int], rows: list[int]) -> None:
+    """Feed `rows` of the state their next byte of x, each at its own position pos[r] (advanced), and check every
+    row's logits against the full forward's `full` at its new position."""
+    from bytelm.nn import Step
+
+    at = [pos[r] for r in rows]
+    out = model.decode_step(x[rows, at], state, Step.make(rows, at, max(at) + 1, "cpu"))
+    for i, r in enumerate(rows):
+        pos[r] += 1
+        torch.testing.assert_close(out[i], full[r, pos[r]], atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
 def model(request):
     return make(CONFIGS[request.param])

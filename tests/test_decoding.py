@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import decode_and_check
 
 from bytelm import Megabyte
 from bytelm.generation.engine import Engine, SamplingParams
@@ -49,11 +50,7 @@ def test_batched_and_chunked_prefills_give_the_full_forward_logits(model):
             rows = [r for r in range(B) if pos[r] < T - 1 and rng.random() < 0.7]
             if not rows:
                 continue
-            at = [pos[r] for r in rows]
-            out = model.decode_step(x[rows, at], state, Step.make(rows, at, max(at) + 1, "cpu"))
-            for i, r in enumerate(rows):
-                pos[r] += 1
-                torch.testing.assert_close(out[i], full[r, pos[r]], atol=1e-4, rtol=1e-4)
+            decode_and_check(model, state, x, full, pos, rows)
 
 
 def test_a_megabyte_chunk_must_start_at_a_patch_border(megabyte):

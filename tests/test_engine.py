@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import decode_and_check
 
 from bytelm import GenerationError
 from bytelm.generation.engine import Engine, EngineFull, SamplingParams
@@ -72,11 +73,7 @@ def test_rows_at_different_positions_give_the_full_forward_logits(model):
             rows = [r for r in live if pos[r] < T - 1 and rng.random() < 0.8]  # some rows sit a step out
             if not rows:
                 continue
-            at = [pos[r] for r in rows]
-            out = model.decode_step(x[rows, at], state, Step.make(rows, at, max(at) + 1, "cpu"))
-            for i, r in enumerate(rows):
-                pos[r] += 1
-                torch.testing.assert_close(out[i], full[r, pos[r]], atol=1e-4, rtol=1e-4)
+            decode_and_check(model, state, x, full, pos, rows)
     assert min(pos) > 20
 
 

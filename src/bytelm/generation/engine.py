@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import BytelmError, GenerationError
+from ..errors import BytelmError, ContextLengthError, GenerationError
 from ..nn import Step
 from .protocol import Decodable
 from .sampling import MAX_TOP_LOGPROBS, SamplingMetadata, SamplingParams, check_logits, sample_batch  # noqa: F401
@@ -166,8 +166,8 @@ class Engine:
             raise GenerationError(f"the prompt must be bytes, got {type(prompt).__name__}")
         params.check(self.model, len(prompt))
         if len(prompt) + params.max_new_bytes > self.max_len:
-            raise GenerationError(f"prompt ({len(prompt)} bytes) + max_new_bytes ({params.max_new_bytes}) exceeds "
-                                  f"this engine's {self.max_len} positions per stream")
+            raise ContextLengthError(f"prompt ({len(prompt)} bytes) + max_new_bytes ({params.max_new_bytes}) exceeds "
+                                     f"this engine's {self.max_len} positions per stream")
         req = Request(bytes(prompt), params, on_output)
         if params.max_new_bytes == 0:  # nothing to generate: done before it starts
             req.finished = True
