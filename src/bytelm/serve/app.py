@@ -1,7 +1,8 @@
 """The FastAPI application: OpenAI's /v1/completions and /v1/chat/completions (streamed as server-sent events or
 not) for a bytes model, OpenAI's /v1/images/generations (PNGs) for an image model, bytelm's /v1/audio/generations
 (WAVs) for an audio model, /v1/models, /health and /metrics, over one `Engine` that batches every stream of every
-request. An endpoint asked of a model that makes something else is a 400 naming the endpoint that fits.
+request; and a page to try the model in a browser at / (serving_playground.py). An endpoint asked of a model that
+makes something else is a 400 naming the endpoint that fits.
 
 Each endpoint has its handler (serving_*.py), which turns its typed request (protocol.py) into `SamplingParams` and
 the engine's outputs into its typed response; this module only wires routes to them.
@@ -38,6 +39,7 @@ from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
 from .serving_media import ServingAudio, ServingImages
 from .serving_models import ServingHealth, ServingModels
+from .serving_playground import Playground
 
 DEFAULT_LIMITS = ServerLimits()
 
@@ -50,6 +52,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     completion, chat = ServingCompletion(*served), ServingChat(*served)
     images, audio = ServingImages(*served), ServingAudio(*served)
     models, health = ServingModels(*served), ServingHealth(*served)
+    playground = Playground()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -62,6 +65,14 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
                        count=lambda path, code: metrics.requests.labels(path, str(code)).inc())
     answer_errors(app)
     keyed = [Depends(key_check(api_key))]  # /health and /metrics stay open: probes and scrapers hold no key
+
+    @app.get("/", include_in_schema=False)  # the page holds no data: open, as are its assets; its API calls are keyed
+    async def playground_route():
+        return playground.page()
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_route(name: str):
+        return playground.asset(name)
 
     @app.get("/health")
     async def health_route():
