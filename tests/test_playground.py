@@ -95,6 +95,13 @@ def test_page_shows_the_apis_greedy_completion_byte_by_byte(tmp_path, page):
         for (_, p), lp in zip(spans, api["logprobs"]["token_logprobs"], strict=True):
             assert p == pytest.approx(math.exp(lp), rel=1e-6)
         assert page.text_content("#bytes .prompt") == prompt
+        shown = page.eval_on_selector_all("#bytes .byte", "s => s.map(e => [+e.dataset.byte, e.textContent])")
+        chars = [t for b, t in shown if b >= 0xc2 and len(t) == 1]
+        assert chars  # this untrained model's greedy bytes hold UTF-8 characters too (two), and stray bytes
+        assert chars == [c for c in api["text"] if ord(c) >= 0x80 and c != "\ufffd"]  # the characters the API decoded
+        for b, t in shown:  # every byte visible: printable ASCII as itself, a newline as an arrow, others \xNN, or
+            # the UTF-8 character in its first byte's span (its other bytes narrow shaded bars, empty)
+            assert t in ({10: "\u21b5", 9: "\u2192"}.get(b, chr(b) if 32 <= b < 127 else f"\\x{b:02x}"), "", *chars), b
 
         k = n // 2
         page.hover(f"#bytes .byte[data-i='{k}']")

@@ -86,12 +86,13 @@ function tokenByte(token) {
 
 const hex = (b) => b.toString(16).padStart(2, "0");
 
-// What a byte's span shows: printable ASCII as itself, control bytes as their Unicode control pictures (U+2400..),
-// others as \xNN until they complete a UTF-8 character.
+// What a byte's span shows: printable ASCII as itself, a newline as ↵ (then the line breaks), a tab as →,
+// any other byte as \xNN until it completes a UTF-8 character (arrows, not the control pictures U+2400..: common
+// monospace fonts lack those).
 function glyph(b) {
   if (b >= 32 && b < 127) return [String.fromCharCode(b), ""];
-  if (b < 32) return [String.fromCharCode(0x2400 + b), "ctrl"];
-  if (b === 127) return ["\u2421", "ctrl"];
+  if (b === 10) return ["\u21b5", "ctrl"];
+  if (b === 9) return ["\u2192", "ctrl"];
   return [`\\x${hex(b)}`, "hex"];
 }
 
@@ -277,7 +278,8 @@ function textSummary(started) {
   const n = state.records.length;
   const seconds = (performance.now() - started) / 1000;
   const bits = n ? state.records.reduce((s, r) => s - r.logprob, 0) / n / Math.LN2 : 0;
-  return `${n} bytes in ${seconds.toFixed(1)} s (${(n / seconds).toFixed(0)} bytes/s) · ${bits.toFixed(2)} bits/byte`;
+  return `${n} bytes in ${seconds.toFixed(1)} s (${(n / seconds).toFixed(0)} bytes/s) · mean −log₂ p ` +
+    `${bits.toFixed(2)} bits/byte`;
 }
 
 async function generateMedia(signal, started) {
