@@ -27,7 +27,7 @@ def test_cached_logits_equal_full_forward(model, L):
 
 @pytest.mark.parametrize("prompt", [b"", b"d", b"def main():\n"])
 def test_greedy_cached_generation_equals_repeated_argmax(model, prompt):
-    n = 300
+    n = 120  # 30 of tiny's 4-byte patches: every window and patch border case recurs many times
     got = model.generate(prompt, n, temperature=0)
     seq = torch.tensor([list(prompt)], dtype=torch.long)
     with torch.no_grad():
