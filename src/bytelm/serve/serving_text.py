@@ -98,7 +98,7 @@ class TextServing(Serving):
                 choices[i].take(out)
                 if out.finish_reason == "error":
                     raise ApiError(500, f"generation failed: {out.error}", "server_error")
-        if any(c.last is None or c.last.finish_reason == "cancelled" for c in choices):
+        if not all(c.finished for c in choices):
             return Response(status_code=499)  # the client has gone
         for sub in subs:
             self.observe_ttfb(sub)
@@ -131,7 +131,7 @@ class TextServing(Serving):
                     self.observe_ttfb(subs[i])
                 for e in c.events(out):
                     yield event(e)
-        if any(c.last is None for c in choices):
+        if not all(c.finished for c in choices):
             return
         if include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(choices)})}\n\n"
@@ -186,6 +186,11 @@ class Choice:
             got.append({"index": self.index, "logprobs": lp, "finish_reason": out.finish_reason,
                         **self.serving.delta(text)})
         return got
+
+    @property
+    def finished(self) -> bool:
+        """Whether the engine finished this choice (not cancelled: its client has gone)."""
+        return self.last is not None and self.last.finish_reason not in (None, "cancelled")
 
     @property
     def prompt_tokens(self) -> int:
