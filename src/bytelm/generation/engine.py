@@ -61,6 +61,8 @@ class Output:
     generated: int = 0  # bytes the model generated so far (stop sequences included): usage
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False)  # what failed, for in-process callers
+    # with the first output of a request with `prompt_logprobs`: one per prompt byte, the first one's included
+    prompt_logprobs: tuple[ByteLogprob, ...] | None = None
 
 
 class EngineFull(GenerationError):
@@ -86,6 +88,8 @@ class Request:
     byte: int | None = None  # sampled, waiting to be fed (until its position lines up with the engine's clock)
     generated: bytearray = field(default_factory=bytearray)
     held: list = field(default_factory=list)  # logprobs of bytes generated but not yet sent
+    scored: bool = False  # the prompt's logprobs are computed (when asked for)
+    prompt_lps: tuple[ByteLogprob, ...] | None = None  # ... and not yet sent
     sent: int = 0  # bytes of `generated` already delivered
 
     def cancel(self) -> None:
@@ -169,7 +173,7 @@ class Engine:
             raise ContextLengthError(f"prompt ({len(prompt)} bytes) + max_new_bytes ({params.max_new_bytes}) exceeds "
                                      f"this engine's {self.max_len} positions per stream")
         req = Request(bytes(prompt), params, on_output)
-        if params.max_new_bytes == 0:  # nothing to generate: done before it starts
+        if params.max_new_bytes == 0 and params.prompt_logprobs is None:  # nothing to do: done before it starts
             req.finished = True
             on_output(Output(b"", () if params.logprobs is not None else None, "length", 0))
             return req
@@ -207,12 +211,13 @@ class Engine:
 
     def generate(self, prompt: bytes, params: SamplingParams) -> Output:
         """The whole answer as one Output (data, logprobs, finish_reason)."""
-        data, lps, last = [], [], None
+        data, lps, plps, last = [], [], None, None
         for last in self.stream(prompt, params):
             data.append(last.data)
             lps.extend(last.logprobs or ())
+            plps = plps or last.prompt_logprobs
         return Output(b"".join(data), tuple(lps) if params.logprobs is not None else None, last.finish_reason,
-                      last.generated, last.error, last.exception)
+                      last.generated, last.error, last.exception, plps)
 
     @property
     def active(self) -> int:
@@ -276,7 +281,9 @@ class Engine:
                 self._seed(req)
         rows = sorted(self.running.values(), key=lambda r: r.slot)  # slot order: all slots running steps on views
         with torch.inference_mode():
-            chunks = self._chunks([r for r in rows if r.prefilling])
+            for req in [r for r in rows if r.params.prompt_logprobs is not None and not r.scored]:
+                self._guard([req], self._score_prompt, req)
+            chunks = self._chunks([r for r in rows if r.prefilling and not r.finished])
             for group in _groups(chunks):
                 self._guard([r for r, _ in group], self._prefill, group)
             ready = [r for r in rows if r.logits is not None and not r.finished]
@@ -332,6 +339,30 @@ class Engine:
             if req.prefilled == len(req.prompt):
                 req.prefilling = False
                 req.logits = logits[j]
+
+    def _score_prompt(self, req: Request) -> None:
+        """The prompt's per-byte logprobs (vLLM's prompt_logprobs, OpenAI's echo) from one full forward pass over
+        it: the function `bytelm eval` scores with, so a client summing them gets the model's own log-likelihood
+        whatever the prefill's chunking. (Not from the prefill: MEGABYTE's cached prefill runs its local model on the
+        last patch only.) A request with nothing to generate then ends here, never prefilled."""
+        req.scored = True
+        lps: tuple[ByteLogprob, ...] = ()
+        if req.prompt:
+            x = torch.tensor(list(req.prompt), dtype=torch.long, device=self.model.device).view(1, -1)
+            lp = torch.log_softmax(self.model(x)[0].float(), dim=-1)  # (L, 256): row t predicts byte t
+            check_logits(lp)
+            chosen = lp.gather(1, x.view(-1, 1)).view(-1).tolist()
+            n = req.params.prompt_logprobs
+            top = torch.topk(lp, n, dim=-1) if n else None
+            tops = zip(top.indices.tolist(), top.values.tolist(), strict=True) if top is not None else \
+                [((), ())] * len(chosen)
+            lps = tuple(ByteLogprob(b, v, tuple(zip(i, t, strict=True)))
+                        for b, v, (i, t) in zip(req.prompt, chosen, tops, strict=True))
+        with self.cond:
+            req.prompt_lps = lps
+            if req.params.max_new_bytes == 0:
+                req.prefilling = False
+                self._deliver(req, 0, "length")
 
     def _due(self, req: Request) -> bool:
         """Whether a row with a sampled byte is fed this step: always, unless the model's big part runs once per
@@ -427,12 +458,14 @@ class Engine:
         if finish is not None:
             self._release(req)
             self.stats["finished"] += 1
-        req.on_output(Output(data, lps, finish, len(req.generated)))
+        plps, req.prompt_lps = req.prompt_lps, None
+        req.on_output(Output(data, lps, finish, len(req.generated), prompt_logprobs=plps))
 
     def _finish(self, req: Request, reason: str, error: str | None = None, exc: BaseException | None = None) -> None:
         self._release(req)
+        plps, req.prompt_lps = req.prompt_lps, None
         req.on_output(Output(b"", () if req.params.logprobs is not None else None, reason, len(req.generated), error,
-                             exc))
+                             exc, plps))
 
     def _release(self, req: Request) -> None:
         req.finished = True

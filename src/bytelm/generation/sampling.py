@@ -75,7 +75,9 @@ def check_length(prompt_len: int, max_new_bytes: int, max_seq_len: int) -> None:
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks for. temperature 0 is greedy; `stop`: byte strings that end the stream (not sent);
-    `logprobs`: None for none, n >= 0 for the chosen byte's log-probability and the n likeliest bytes'."""
+    `logprobs`: None for none, n >= 0 for the chosen byte's log-probability and the n likeliest bytes';
+    `prompt_logprobs` (vLLM's name): the same for every byte of the prompt, given with the first output (OpenAI's
+    `echo`). The first prompt byte's is real: the model predicts it from the empty context."""
 
     max_new_bytes: int = 256
     temperature: float = 1.0
@@ -84,6 +86,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[bytes, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def check(self, model: Any, prompt_len: int) -> None:
         """Every field, and that the prompt plus max_new_bytes fits `model.config.max_seq_len` (a `Decodable`)."""
@@ -91,9 +94,10 @@ class SamplingParams:
         check_seed(self.seed)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, bytes) and s for s in self.stop):
             raise GenerationError("stop must be a tuple of non-empty byte strings")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise GenerationError(f"logprobs must be an integer in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
+                raise GenerationError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS}, got {n!r}")
         check_length(prompt_len, self.max_new_bytes, model.config.max_seq_len)
 
 

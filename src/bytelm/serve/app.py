@@ -1,8 +1,8 @@
 """The FastAPI application: OpenAI's /v1/completions and /v1/chat/completions (streamed as server-sent events or
-not) for a bytes model, OpenAI's /v1/images/generations (PNGs) for an image model, bytelm's /v1/audio/generations
-(WAVs) for an audio model, /v1/models, /health and /metrics, over one `Engine` that batches every stream of every
-request; and a page to try the model in a browser at / (serving_playground.py). An endpoint asked of a model that
-makes something else is a 400 naming the endpoint that fits.
+not) and vLLM's /tokenize, /detokenize and /tokenizer_info for a bytes model, OpenAI's /v1/images/generations (PNGs)
+for an image model, bytelm's /v1/audio/generations (WAVs) for an audio model, /v1/models, /health and /metrics, over
+one `Engine` that batches every stream of every request; and a page to try the model in a browser at /
+(serving_playground.py). An endpoint asked of a model that makes something else is a 400 naming the endpoint that fits.
 
 Each endpoint has its handler (serving_*.py), which turns its typed request (protocol.py) into `SamplingParams` and
 the engine's outputs into its typed response; this module only wires routes to them.
@@ -31,7 +31,9 @@ from .protocol import (
     AudioGenerationRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ImageGenerationRequest,
+    TokenizeRequest,
     error_body,
 )
 from .serving import ServerLimits
@@ -40,6 +42,7 @@ from .serving_completion import ServingCompletion
 from .serving_media import ServingAudio, ServingImages
 from .serving_models import ServingHealth, ServingModels
 from .serving_playground import Playground
+from .serving_tokenize import ServingDetokenize, ServingTokenize, ServingTokenizerInfo
 
 DEFAULT_LIMITS = ServerLimits()
 
@@ -53,6 +56,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     images, audio = ServingImages(*served), ServingAudio(*served)
     models, health = ServingModels(*served), ServingHealth(*served)
     playground = Playground()
+    tokenizer_info, tokenize, detokenize = (ServingTokenizerInfo(*served), ServingTokenize(*served),
+                                            ServingDetokenize(*served))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -93,6 +98,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_route(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
+
+    # vLLM's paths (at the root, not under /v1): lm-evaluation-harness finds them there
+    @app.get("/tokenizer_info", dependencies=keyed)
+    async def tokenizer_info_route():
+        return tokenizer_info.info()
+
+    @app.post("/tokenize", dependencies=keyed)
+    async def tokenize_route(body: TokenizeRequest):
+        return tokenize.tokenize(body)
+
+    @app.post("/detokenize", dependencies=keyed)
+    async def detokenize_route(body: DetokenizeRequest):
+        return detokenize.detokenize(body)
 
     @app.post("/v1/images/generations", dependencies=keyed)
     async def images_route(body: ImageGenerationRequest, request: Request):

@@ -2,17 +2,62 @@
 bytelm's /v1/audio/generations), as pydantic models, and the byte-level chat template.
 
 Bytes are tokens here: `max_tokens` counts bytes, usage counts bytes, and a prompt may be given as a list of
-integers 0..255 (the bytes themselves) as well as text. Fields OpenAI has and a byte model cannot honour (penalties,
-logit_bias, n > 1, echo, suffix, best_of, tools) are refused with a 400 naming the field, not silently ignored.
+token ids (the bytes themselves, 0..255, and 256 = <|endoftext|>, the start of the stream, first only) as well as
+text; /v1/completions takes a list of such prompts too (one choice each). Fields OpenAI has and a byte model cannot
+honour (penalties, logit_bias, n > 1, suffix, best_of, tools) are refused with a 400 naming the field, not silently
+ignored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Byte = Annotated[int, Field(ge=0, le=255)]
+# The byte tokenizer (vLLM's /tokenize and /detokenize; lm-evaluation-harness counts contexts with it): token ids
+# 0..255 are the bytes, 256 is <|endoftext|>, the stream boundary. Every bytelm stream starts from the empty context,
+# so 256 first means exactly that start and is dropped before the model; it is both the eos and the bos the
+# tokenizer endpoints report (lm-eval's rolling loglikelihood prefixes every document with it). A byte model has
+# no use for it anywhere else: there it is refused.
+EOT_ID = 256
+EOT_TEXT = "<|endoftext|>"
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (LangChain sends 20, lm-eval its --batch_size)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as the engine sees it: its bytes, and whether it was given starting with <|endoftext|>."""
+
+    data: bytes
+    eot: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return len(self.data) + self.eot
+
+
+def text_tokens(text: str) -> list[int]:
+    """Text as token ids: its UTF-8 bytes, and <|endoftext|> at its very start as 256 (where a token-list prompt
+    may hold it; anywhere else it is just text)."""
+    if text.startswith(EOT_TEXT):
+        return [EOT_ID, *text[len(EOT_TEXT):].encode("utf-8")]
+    return list(text.encode("utf-8"))
+
+
+def as_prompt(x: str | list[int], where: str) -> Prompt:
+    """A prompt from text or token ids, or a 400 naming where (`where`: its place in the request) it is wrong."""
+    if isinstance(x, str):
+        return Prompt(x.encode("utf-8"))
+    for i, t in enumerate(x):
+        if not 0 <= t <= EOT_ID:
+            raise ApiError(400, f"{where}[{i}]: token id {t} is not a byte (0..255) or <|endoftext|> (256)",
+                           param="prompt")
+        if t == EOT_ID and i > 0:
+            raise ApiError(400, f"{where}[{i}]: <|endoftext|> (256) is allowed only first, where it means the start "
+                                "of the stream; a byte model has no other use for it", param="prompt")
+    eot = bool(x) and x[0] == EOT_ID
+    return Prompt(bytes(x[eot:]), eot)
 
 
 class StreamOptions(BaseModel):
@@ -53,31 +98,32 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[Byte] | list[str]
+    # OpenAI's four forms: text, token ids, a list of texts, a list of token-id lists (one choice per prompt)
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion, with its logprobs when those are asked for
     suffix: str | None = None
     best_of: int | None = None
 
     def unsupported(self) -> str | None:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
-            return "prompt"  # a batch of prompts in one request: send one request each
-        if self.echo:
-            return "echo"
         if self.suffix:
             return "suffix"
         if self.best_of not in (None, 1):
             return "best_of"
         return super().unsupported()
 
-    def prompt_bytes(self) -> bytes:
+    def prompts(self) -> list[Prompt]:
+        """Every prompt of the request, or a 400 naming the one that is wrong (or that there are too many)."""
         p = self.prompt
-        if isinstance(p, str):
-            return p.encode("utf-8")
-        if p and isinstance(p[0], str):
-            return p[0].encode("utf-8")
-        return bytes(p)
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [as_prompt(p, "prompt")]
+        if not p:
+            return [Prompt(b"")]  # [] is an empty prompt of token ids, as OpenAI's
+        if len(p) > MAX_PROMPTS:
+            raise ApiError(400, f"prompt: {len(p)} prompts in one request; at most {MAX_PROMPTS} (send several "
+                                "requests)", param="prompt")
+        return [as_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)]
 
 
 class ChatMessage(BaseModel):
@@ -100,6 +146,26 @@ class ChatCompletionRequest(_Common):
 
     def unsupported(self) -> str | None:
         return "tools" if self.tools else super().unsupported()
+
+
+# --- vLLM's tokenizer endpoints (POST /tokenize, POST /detokenize, GET /tokenizer_info) ----------------------------
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: `prompt` text, or chat `messages` rendered with the chat template. `add_special_tokens`
+    (vLLM's default true) puts <|endoftext|> first, as a tokenizer with a BOS token does."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with messages: end with the assistant's marker
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    tokens: list[int]
 
 
 # --- images and sound -----------------------------------------------------------------------------------------------

@@ -87,6 +87,23 @@ class Serving:
     def submit(self, prompt: bytes, params: SamplingParams) -> Submission:
         return Submission(self.engine, prompt, params, self.limits.retry_after_s)
 
+    def submit_all(self, jobs: list[tuple[bytes, SamplingParams]], field: str) -> list[Submission]:
+        """One engine request per (prompt, params), all admitted or none: a 429 (or a 400 for one of them) cancels
+        the ones already queued. More than the engine ever holds at once is a 400 naming `field`."""
+        most = self.engine.max_streams + self.engine.max_queue
+        if len(jobs) > most:
+            raise ApiError(400, f"{field}: this server runs at most {most} streams at once (running and queued), "
+                                f"got {len(jobs)}", param=field)
+        subs: list[Submission] = []
+        try:
+            for prompt, params in jobs:
+                subs.append(self.submit(prompt, params))
+        except ApiError:
+            for sub in subs:
+                sub.req.cancel()
+            raise
+        return subs
+
     def observe_ttfb(self, sub: Submission) -> None:
         if sub.req.first_byte_at is not None:
             self.metrics.ttfb.observe(sub.req.first_byte_at - sub.req.arrived)

@@ -5,15 +5,15 @@ what the context holds; `logprobs` + `top_logprobs` as chat's `content` list, ea
 from __future__ import annotations
 
 from ..generation.engine import ByteLogprob
-from .protocol import CHAT_STOP, ChatCompletionRequest, byte_token, chat_prompt
+from .protocol import CHAT_STOP, ChatCompletionRequest, Prompt, byte_token, chat_prompt
 from .serving_text import TextServing
 
 
 class ServingChat(TextServing):
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def prompt(self, body: ChatCompletionRequest) -> bytes:
-        return chat_prompt(body.messages)
+    def prompts(self, body: ChatCompletionRequest) -> list[Prompt]:
+        return [Prompt(chat_prompt(body.messages))]
 
     def max_new(self, body: ChatCompletionRequest) -> int | None:
         return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -30,10 +30,11 @@ class ServingChat(TextServing):
     def delta(self, text: str) -> dict:
         return {"delta": {"content": text} if text else {}}
 
-    def opening(self) -> list[dict]:
-        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+    def opening(self, index: int) -> list[dict]:
+        return [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]
 
-    def logprobs_json(self, lps: tuple[ByteLogprob, ...] | list[ByteLogprob], offset: int) -> dict:
+    def logprobs_json(self, lps: list[ByteLogprob | None], offset: int) -> dict:
         """Chat's `content` list: each byte's token, logprob and `bytes`, with its likeliest alternatives."""
         return {"content": [{"token": byte_token(x.byte), "logprob": x.logprob, "bytes": [x.byte],
                              "top_logprobs": [{"token": byte_token(b), "logprob": v, "bytes": [b]} for b, v in x.top]}
