@@ -45,7 +45,8 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def no_network():
     """Refuse, and record, every name lookup and connection not to loopback while this module runs."""
     attempts: list[str] = []
-    real_getaddrinfo, real_connect, real_connect_ex = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
+    real_getaddrinfo, real_connect, real_connect_ex = (socket.getaddrinfo, socket.socket.connect,
+                                                       socket.socket.connect_ex)
 
     def getaddrinfo(host, *args, **kw):
         if host not in LOOPBACK and host is not None:
@@ -230,3 +231,4 @@ def test_curl_streams_what_the_raw_api_answers(server):
     events = [line[6:] for line in out.stdout.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == want
+
