@@ -8,6 +8,7 @@ environment switches that off, and every connection to anywhere but loopback is 
 out) and recorded; any attempt fails the module."""
 
 import asyncio
+import concurrent.futures as cf
 import json
 import os
 import shutil
@@ -18,9 +19,11 @@ from typing import Literal
 import pytest
 import torch
 
-# Before litellm is imported: it reads these at import (its price list is otherwise fetched from GitHub).
+# Before litellm is imported, which reads them: litellm fetches its price list (and more: beta headers, tokenizers)
+# from the network unless LITELLM_OFFLINE_MODE (litellm/litellm_core_utils/offline_mode.py), or for the price list
+# alone in older versions LITELLM_LOCAL_MODEL_COST_MAP, says not to.
+os.environ["LITELLM_OFFLINE_MODE"] = "true"
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-os.environ["LITELLM_TELEMETRY"] = "False"
 for var in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
     os.environ[var] = "false"  # LangChain traces to LangSmith when these are on
 
@@ -35,7 +38,7 @@ from test_serve import KEY, Server  # noqa: E402
 from bytelm import Megabyte, MegabyteConfig  # noqa: E402
 
 # litellm's own types trip a pydantic warning at first use; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")
 NAME = "tiny-bytes"  # the served model's id (--model-name): what every client names
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -72,7 +75,6 @@ def no_network():
         mp.setattr(socket, "getaddrinfo", getaddrinfo)
         mp.setattr(socket.socket, "connect", connect)
         mp.setattr(socket.socket, "connect_ex", connect_ex)
-        mp.setattr(litellm, "telemetry", False, raising=False)
         yield attempts
     assert not attempts, f"a client tried to reach the network: {attempts}"
 
@@ -191,7 +193,8 @@ def test_langchain_openai_llm_batch_of_25_prompts(server):
     """LangChain's completion LLM sends its prompts 20 to a request (batch_size): 25 prompts are two requests, and
     each answer is the one its prompt gets alone."""
     prompts = [f"{i} " + "xy" * (i % 5) for i in range(25)]
-    want = [raw_completion(server, p, 24) for p in prompts]
+    with cf.ThreadPoolExecutor(8) as pool:  # the references, one request each, decoded side by side
+        want = list(pool.map(lambda p: raw_completion(server, p, 24), prompts))
     llm = langchain_openai.OpenAI(model=NAME, base_url=server.url + "/v1", api_key=KEY, temperature=0, max_tokens=24,
                                   max_retries=0, timeout=60)
     before = requests_served(server, "/v1/completions")
