@@ -3,9 +3,9 @@ logprobs), LiteLLM, LangChain's ChatOpenAI and its batching OpenAI LLM, structur
 text must equal what the raw HTTP API answers to the same greedy request, streamed or not. (test_serve.py checks the
 sync SDK against local generation; this file does not repeat it.)
 
-Nothing may leave the machine: these libraries fetch price lists and send telemetry unless told not to, so the
-environment switches that off, and every connection to anywhere but loopback is refused at once (not left to time
-out) and recorded; any attempt fails the module."""
+Nothing may leave the machine: litellm fetches a price list (and more) unless told not to and LangChain traces to
+LangSmith when its environment says so, so the environment here switches both off, and every connection to anywhere
+but loopback is refused at once (not left to time out) and recorded; any attempt fails the module."""
 
 import asyncio
 import concurrent.futures as cf
