@@ -237,6 +237,43 @@ def test_push_an_adapter_folder(tmp_path, local_hub):
         bytelm.push(tmp_path / "local", "me/local")
 
 
+def test_push_names_the_hub_base_of_a_local_fine_tune(tmp_path, local_hub, capsys):
+    """An adapter of a local base: --base-model names the base's hub id in what goes up (the card's base_model:, the
+    config's base), the local folder stays as it is, and what was pushed loads by id on that base."""
+    pytest.importorskip("peft")
+    from bytelm.finetune import apply_lora, save_adapter, weights_fingerprint
+
+    base = tiny()
+    base.save_pretrained(tmp_path / "base")
+    cache_model(base, "org/base", tmp_path / "hf" / "hub")  # the same base, on the Hub
+    peft_model = apply_lora(base, "local", rank=2, base=str(tmp_path / "base"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.05)
+    adapter = save_adapter(peft_model, tmp_path / "adapter", base.config, str(tmp_path / "base"),
+                           weights_fingerprint(tiny()))
+    assert ModelCard.load(adapter / "README.md").data.base_model is None  # a path is no base_model for the Hub
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    assert main(["push", str(adapter), "me/adapter", "--base-model", "org/base"]) == 0
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+    uploaded = next((local_hub.cache / "models--me--adapter" / "snapshots").iterdir())
+    card = ModelCard.load(uploaded / "README.md")
+    assert card.data.base_model == "org/base" and str(tmp_path / "base") not in card.text
+    assert json.loads((uploaded / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base"
+    x = torch.randint(0, 256, (1, 30))
+    assert torch.equal(bytelm.load_adapter("me/adapter")(x), bytelm.load_adapter(adapter)(x))
+
+    Megabyte(MegabyteConfig.from_name("tiny", global_layers=3)).save_pretrained(tmp_path / "deeper")
+    cache_model(bytelm.load(tmp_path / "deeper"), "org/deeper", tmp_path / "hf" / "hub")
+    with pytest.raises(bytelm.AdapterError, match=r"made for another base .*global_layers 2 vs 3"):
+        bytelm.push(adapter, "me/adapter", base_model="org/deeper")
+    with pytest.raises(HubError, match="not a hub id"):
+        bytelm.push(adapter, "me/adapter", base_model=str(tmp_path / "base"))
+    with pytest.warns(UserWarning, match="org/elsewhere could not be read"):  # offline and not cached: unchecked
+        bytelm.push(adapter, "me/adapter", base_model="org/elsewhere")
+
+
 def test_push_failure_is_one_line(tmp_path, monkeypatch, capsys):
     class Refusing:
         def __init__(self, token=None):

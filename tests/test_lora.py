@@ -181,6 +181,28 @@ def test_adapter_round_trip(finetuned, base_run):
         bytelm.load(out)
 
 
+def test_peft_loads_the_runs_adapter_folder(finetuned, monkeypatch):
+    """A run folder's adapter/ is its latest checkpoint's adapter, alone: peft's AutoPeftModel builds base and adapter
+    from it (import_allowlist=["bytelm"]) into the model bytelm.load_adapter gives."""
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft looks for a tokenizer on the Hub when the folder has none
+    _, out = finetuned
+    adapter, ckpt = out / "adapter", out / "checkpoints" / "step-0000030"
+    assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                    "bytelm_adapter.json", "README.md"}  # no optimizer state
+    assert all((adapter / p.name).read_bytes() == (ckpt / p.name).read_bytes() for p in adapter.iterdir())
+    with pytest.raises(ValueError, match=r"import_allowlist=\['bytelm'\]"):  # peft's own refusal names the fix
+        AutoPeftModel.from_pretrained(str(adapter))
+    peft_model = AutoPeftModel.from_pretrained(str(adapter), import_allowlist=["bytelm"]).eval()
+    x = torch.randint(0, 256, (2, 50))
+    assert torch.equal(peft_model(x), load_adapter(out)(x))
+    card = ModelCard.load(adapter / "README.md").data
+    assert card.library_name == "peft" and {"lora", "peft", "bytelm"} <= set(card.tags)
+    assert card.base_model is None  # a local base: the Hub refuses anything but a hub id there (see test_hub.py)
+
+
 def test_resume_equals_uninterrupted(tmp_path, corpora):
     tiny().save_pretrained(tmp_path / "base")
     cfg = lambda name: FinetuneConfig(base=str(tmp_path / "base"), data=[str(corpora[1])],  # noqa: E731

@@ -23,6 +23,9 @@ class PushArgs:
     token: str | None = None  # a Hub token with write access (default: HF_TOKEN or the `hf auth login` one)
     revision: str | None = None  # the branch to push to (default: main)
     message: str | None = None  # the commit message
+    base_model: str | None = None
+    """the base's hub id (ORG/NAME), for a fine-tune of a local folder: the uploaded card's base_model (how the Hub
+    links it to its base) and, for an adapter, the base its uploaded config names"""
 
 
 def main(argv: list[str]) -> int:
@@ -30,6 +33,6 @@ def main(argv: list[str]) -> int:
 
     args = parse(PushArgs, argv, "bytelm push")
     url = push(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision,
-               message=args.message)
+               message=args.message, base_model=args.base_model)
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0

@@ -6,6 +6,7 @@ from .adapters import (
     LoraError,
     apply_lora,
     attach,
+    check_base,
     load_adapter,
     merge,
     read_adapter,
@@ -13,8 +14,8 @@ from .adapters import (
     target_modules,
     weights_fingerprint,
 )
-from .trainer import FinetuneConfig, FinetuneTrainer, finetune
+from .trainer import ADAPTER_DIR, FinetuneConfig, FinetuneTrainer, finetune
 
-__all__ = ["TARGETS", "FinetuneConfig", "FinetuneTrainer", "LoraError", "apply_lora", "attach", "finetune",
-           "load_adapter", "merge", "read_adapter", "save_adapter", "target_modules",
+__all__ = ["ADAPTER_DIR", "TARGETS", "FinetuneConfig", "FinetuneTrainer", "LoraError", "apply_lora", "attach",
+           "check_base", "finetune", "load_adapter", "merge", "read_adapter", "save_adapter", "target_modules",
            "weights_fingerprint"]

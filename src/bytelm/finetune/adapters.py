@@ -13,11 +13,17 @@ The Linear layers, by target:
 
 An adapter folder (what each checkpoint of a fine-tune run holds, next to the optimizer and trainer state):
 
-    adapter_config.json        peft's LoraConfig; base_model_name_or_path names the base (a folder or a hub id)
+    adapter_config.json        peft's LoraConfig; base_model_name_or_path names the base (a folder or a hub id);
+                               auto_mapping names bytelm.ByteLM, so peft's AutoPeftModel.from_pretrained(folder,
+                               import_allowlist=["bytelm"]) loads base and adapter
     adapter_model.safetensors  the LoRA weights only
     bytelm_adapter.json        the base's model config and a fingerprint of its weights: a base of another config is
                                refused, naming the fields that differ; one with other weights gets a warning
     README.md                  a model card
+
+A fine-tune run folder keeps one in each checkpoint (checkpoints/step-N/, with the optimizer and trainer state) and
+a copy of the latest in adapter/: the folder to hand to peft, `bytelm push` or anything else that wants a plain
+adapter folder (bytelm itself also takes the run folder).
 
 Which Linear layers each target names is the model type's registry entry (bytelm.models.registry). The fine-tune
 trainer is in bytelm.finetune.trainer.
@@ -29,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -44,6 +51,8 @@ from ..io import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_INFO_NAME,
     ADAPTER_WEIGHTS_NAME,
+    CARD_NAME,
+    atomic_write,
     finish_folder,
     fsync_dir,
     read_adapter_folder,
@@ -141,6 +150,7 @@ def save_adapter(peft_model, folder: str | Path, base_config, base: str | None, 
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.") as tmp:
         # save_embedding_layers=False: "auto" would ask the Hub about the base to see whether embeddings changed
         peft_model.save_pretrained(tmp, save_embedding_layers=False)
+        peft_loadable(Path(tmp, ADAPTER_CONFIG_NAME))
         Path(tmp, ADAPTER_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         write_card(tmp, base_config, base_params, base_model=base, **card,
                    adapter={"target": lora.target_modules, "rank": lora.r, "trainable": trainable})
@@ -148,6 +158,31 @@ def save_adapter(peft_model, folder: str | Path, base_config, base: str | None, 
         for f in (ADAPTER_WEIGHTS_NAME, ADAPTER_INFO_NAME, "README.md", ADAPTER_CONFIG_NAME):  # the config last
             os.replace(Path(tmp, f), folder / f)
     fsync_dir(folder)
+    return folder
+
+
+# peft's AutoPeftModel.from_pretrained(folder, import_allowlist=[...]) rebuilds the base itself: it imports the
+# adapter config's auto_mapping.parent_library (only a name in import_allowlist, or below one) and calls
+# getattr(library, base_model_class).from_pretrained(base_model_name_or_path, revision=...) (peft/auto.py).
+# peft records the base's defining module (bytelm.models.megabyte), a private path; bytelm.ByteLM.from_pretrained
+# loads a folder, run folder or hub id of any model type. So: import_allowlist=["bytelm"].
+AUTO_MAPPING = {"base_model_class": "ByteLM", "parent_library": "bytelm"}
+
+
+def peft_loadable(config_path: Path) -> None:
+    """Point a freshly saved adapter_config.json's auto_mapping at bytelm.ByteLM (see AUTO_MAPPING)."""
+    config = json.loads(config_path.read_text())
+    config["auto_mapping"] = AUTO_MAPPING
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def publish_adapter(checkpoint: Path, folder: Path) -> Path:
+    """Copy a checkpoint's adapter files (not its optimizer or trainer state) into `folder`, each atomically and
+    its config last: a reader sees the previous adapter or this one, file by file."""
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_INFO_NAME, CARD_NAME, ADAPTER_CONFIG_NAME):
+        src = checkpoint / name
+        if src.is_file():
+            atomic_write(folder / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
     return folder
 
 
@@ -252,6 +287,6 @@ def merge(adapter: str | Path, out: str | Path, base: str | Path | None = None, 
     return model.save_pretrained(out, name=Path(out).resolve().name, base_model=ref, **card)
 
 
-__all__ = ["TARGETS", "LoraError", "apply_lora", "attach", "base_reference", "check_base", "check_lora_memory",
-           "load_adapter", "load_adapter_weights", "merge", "read_adapter", "save_adapter", "target_modules",
-           "weights_fingerprint"]
+__all__ = ["AUTO_MAPPING", "TARGETS", "LoraError", "apply_lora", "attach", "base_reference", "check_base",
+           "check_lora_memory", "load_adapter", "load_adapter_weights", "merge", "publish_adapter", "read_adapter",
+           "save_adapter", "target_modules", "weights_fingerprint"]

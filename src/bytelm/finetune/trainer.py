@@ -1,6 +1,6 @@
 """LoRA fine-tuning: `bytelm train` with another Trainer. The model is built from base + LoRA, only the adapters
-reach the optimizer, and checkpoints hold the adapter; data, schedule, logging, metrics and exact resume are
-Trainer's own."""
+reach the optimizer, and checkpoints hold the adapter (each checkpoint's also copied to the run's adapter/ folder, a
+plain peft adapter folder); data, schedule, logging, metrics and exact resume are Trainer's own."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ from .adapters import (
     base_reference,
     check_base,
     load_adapter_weights,
+    publish_adapter,
     read_adapter,
     save_adapter,
     target_modules,
     weights_fingerprint,
 )
+
+ADAPTER_DIR = "adapter"  # in a run folder: the latest checkpoint's adapter, alone
 
 
 @dataclass
@@ -112,6 +115,12 @@ class FinetuneTrainer(Trainer):
     def save_weights(self, folder: Path) -> None:
         save_adapter(self.peft_model, folder, self.model_config, self.base_ref, self.base_fingerprint,
                      **self.card_info())
+
+    def save_checkpoint(self) -> Path | None:
+        ckpt = super().save_checkpoint()
+        if ckpt is not None:  # once `latest` names it: adapter/ never runs ahead of the checkpoints
+            publish_adapter(ckpt, self.out / ADAPTER_DIR)
+        return ckpt
 
     def load_weights(self, ckpt: Path) -> None:
         folder, _, info = read_adapter(ckpt)

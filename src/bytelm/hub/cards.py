@@ -64,3 +64,13 @@ def write_model_card(folder: str | Path, config: dict[str, Any], num_params: int
     path = Path(folder) / CARD_NAME
     atomic_write_text(path, model_card(config, num_params, **card))
     return path
+
+
+def set_card_base_model(path: str | Path, base_model: str, was: str | None = None) -> None:
+    """Name `base_model` (a hub id) as the base in the model card at `path`: its header's `base_model:` (how the Hub
+    links a fine-tune or an adapter to its base) and, in its text, in place of `was` (a local path it named)."""
+    card = ModelCard.load(path)
+    card.data.base_model = base_model
+    if was:
+        card.text = card.text.replace(f"`{was}`", f"`{base_model}`")
+    atomic_write_text(Path(path), str(card))
