@@ -61,12 +61,20 @@ class TextServing(Serving):
         field = body.unsupported()
         if field is not None:
             raise ApiError(400, f"{field}: not supported by this server", param=field)
+        self.check_stops(body.stops())
         max_new = self.max_new(body)
         if max_new is None:
             max_new = max(0, self.engine.max_len - len(prompt))
         return SamplingParams(max_new_bytes=max_new, temperature=body.temperature, top_k=body.top_k,
                               top_p=None if body.top_p >= 1 else body.top_p, seed=body.seed, stop=self.stops(body),
                               logprobs=self.top_logprobs(body))
+
+    def check_stops(self, stops: tuple[bytes, ...]) -> None:
+        """The client's stop sequences within the server's bounds (the chat endpoint adds its own turn marker)."""
+        most, longest = self.limits.max_stops, self.limits.max_stop_bytes
+        if len(stops) > most or any(len(s) > longest for s in stops):
+            raise ApiError(400, f"stop: at most {most} stop sequences of at most {longest} bytes each (UTF-8), got "
+                           f"{len(stops)} of up to {max(map(len, stops))} bytes", param="stop")
 
     async def create(self, body: TextRequest, request: Request):
         prompt = self.prompt(body)
