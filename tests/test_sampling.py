@@ -160,3 +160,14 @@ def test_rows_with_non_finite_logits_are_reported_and_the_others_sampled_as_alon
         sample(x, 0.9)
     with pytest.raises(ValueError, match="rows"):
         sample_batch(x, SamplingMetadata.uniform(3, 0))
+
+
+def test_the_smallest_accepted_temperature_and_top_p_sample_the_likeliest_byte():
+    """Each at float32's smallest normal number (below it is refused): finite arithmetic, and only the top byte
+    keeps any weight."""
+    from bytelm.generation.sampling import SMALLEST
+
+    x = _logits(3, 32)
+    for kw in ({"temperature": SMALLEST}, {"top_p": SMALLEST}, {"temperature": SMALLEST, "top_p": SMALLEST}):
+        assert torch.equal(sample(x, generator=torch.Generator().manual_seed(0), **{"temperature": 1.0, **kw}),
+                           x.argmax(-1)), kw

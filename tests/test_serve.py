@@ -173,7 +173,8 @@ def test_malformed_and_oversized_bodies(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", content=json.dumps({"prompt": "x" * 30000}), headers=headers)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
-    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/nothing", headers=headers).status_code == 404
+    assert httpx.get(server.url + "/v1/nothing").status_code == 401  # the key first: no path is told to a stranger
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 

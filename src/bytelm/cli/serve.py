@@ -29,6 +29,9 @@ class ServeArgs:
     adapter: str | None = None  # a LoRA adapter folder (or hub id) to serve on top of MODEL (merged at load)
     host: str = "127.0.0.1"  # the address to listen on (loopback by default: nothing outside this machine reaches it)
     port: int = 8000
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
+    """Host header names to answer to besides localhost, 127.0.0.1 and [::1] (on loopback only those are answered,
+    against DNS rebinding; on another address, given any: only these)"""
     api_key: str | None = None  # require 'Authorization: Bearer KEY' on /v1/* (default: no key)
     model_name: str | None = None  # the id clients name in "model" (default: MODEL as given)
     max_streams: int = 16  # streams decoding at once (the batch's rows)
@@ -36,6 +39,7 @@ class ServeArgs:
     prefill_budget: int = 1024  # prompt bytes prefilled per step; more waits, longer prompts go in chunks between steps
     compile: bool = False  # capture the decode step with torch.compile (minutes of compiling before serving)
     max_request_bytes: int = 1 << 20  # larger request bodies get 413
+    body_timeout: float = 30.0  # seconds a request body may stop arriving before a 408
     drain_timeout: float = 30.0  # seconds running streams get to finish on shutdown
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"  # uvicorn's
@@ -61,6 +65,8 @@ def main(argv: list[str]) -> int:
         raise UsageError("--max-streams, --prefill-budget and --max-request-bytes must be >= 1, --max-queue >= 0")
     if not (math.isfinite(args.drain_timeout) and args.drain_timeout >= 0):
         raise UsageError(f"--drain-timeout must be a finite number of seconds >= 0, got {args.drain_timeout}")
+    if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise UsageError(f"--body-timeout must be a finite number of seconds > 0, got {args.body_timeout}")
     sock = listen(args.host, args.port)  # before the model loads: a port in use is known at once
     if args.host not in LOOPBACK and args.api_key is None:
         print(f"bytelm serve: warning: listening on {args.host} without --api-key: anyone who can reach it can use "
@@ -74,20 +80,33 @@ def main(argv: list[str]) -> int:
     name = args.model_name or args.model or args.adapter
     engine = Engine(model, max_streams=args.max_streams, max_queue=args.max_queue, prefill_budget=args.prefill_budget,
                     compile=args.compile)
-    app = create_app(engine, name, args.api_key, ServerLimits(args.max_request_bytes,
-                                                                  drain_timeout_s=args.drain_timeout))
+    limits = ServerLimits(args.max_request_bytes, drain_timeout_s=args.drain_timeout, body_timeout_s=args.body_timeout)
+    app = create_app(engine, name, args.api_key, limits, allowed_hosts(args.host, args.allowed_hosts))
     port = sock.getsockname()[1]  # --port 0: the one the system chose
     media = model.config.media
     what = "" if media is None else f", {media.describe()}"
     print(f"bytelm serve: {name} ({model.model_type}, {model.num_params() / 1e6:.1f}M params, context "
           f"{model.config.max_seq_len} bytes{what}) on http://{args.host}:{port}/v1", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level,
+    # uvicorn bounds a request's headers (h11: 16 KiB) and closes a keep-alive connection idle for
+    # timeout_keep_alive s; it has no timeout for headers that trickle in on a new connection (slowloris): a server
+    # open to untrusted clients belongs behind a reverse proxy that has one (nginx's client_header_timeout)
+    config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level, timeout_keep_alive=5,
                             timeout_graceful_shutdown=args.drain_timeout)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it drained on; uvicorn.run() swallows it too
         pass
     return 0
+
+
+def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...] | None:
+    """The Host names the server answers to: on loopback the loopback names and `extra` (a web page cannot then
+    reach it through DNS rebinding); elsewhere `extra` if given, else any (None)."""
+    from ..serve.middleware import LOOPBACK_HOSTS
+
+    if host in LOOPBACK:
+        return (*LOOPBACK_HOSTS, *extra)
+    return tuple(extra) or None
 
 
 def listen(host: str, port: int) -> socket.socket:

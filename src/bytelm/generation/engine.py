@@ -42,6 +42,7 @@ from ..errors import BytelmError, ContextLengthError, GenerationError
 from ..nn import Step
 from .protocol import Decodable
 from .sampling import MAX_TOP_LOGPROBS, SamplingMetadata, SamplingParams, check_logits, sample_batch  # noqa: F401
+from .stops import StopMatcher
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ class Request:
     scored: bool = False  # the prompt's logprobs are computed (when asked for)
     prompt_lps: tuple[ByteLogprob, ...] | None = None  # ... and not yet sent
     sent: int = 0  # bytes of `generated` already delivered
+    stops: StopMatcher | None = None  # built at submit, outside the lock; None: no stop sequences
+    stop_state: int = 0  # the matcher's state: its depth is the tail held back
 
     def cancel(self) -> None:
         """Stop this request: its slot is freed at the engine's next step (thread-safe)."""
@@ -172,7 +175,7 @@ class Engine:
         if len(prompt) + params.max_new_bytes > self.max_len:
             raise ContextLengthError(f"prompt ({len(prompt)} bytes) + max_new_bytes ({params.max_new_bytes}) exceeds "
                                      f"this engine's {self.max_len} positions per stream")
-        req = Request(bytes(prompt), params, on_output)
+        req = Request(bytes(prompt), params, on_output, stops=StopMatcher(params.stop) if params.stop else None)
         if params.max_new_bytes == 0 and params.prompt_logprobs is None:  # nothing to do: done before it starts
             req.finished = True
             on_output(Output(b"", () if params.logprobs is not None else None, "length", 0))
@@ -435,16 +438,17 @@ class Engine:
         if req.first_byte_at is None:
             req.first_byte_at = time.perf_counter()
         req.generated.append(byte)
-        g, p = req.generated, req.params
-        for s in p.stop:
-            if g.endswith(s):  # the stop sequence is not sent
+        g, m = req.generated, req.stops
+        if m is not None:  # amortised O(1) per byte, however many and long the stop sequences (stops.py)
+            req.stop_state = m.step(req.stop_state, byte)
+            s = m.stop_at(req.stop_state)
+            if s is not None:  # the stop sequence is not sent
                 self._deliver(req, len(g) - len(s), "stop")
                 return False
-        if len(g) >= p.max_new_bytes:
+        if len(g) >= req.params.max_new_bytes:
             self._deliver(req, len(g), "length")
             return False
-        hold = max((k for s in p.stop for k in range(min(len(s) - 1, len(g)), 0, -1) if g.endswith(s[:k])),
-                   default=0)  # the longest tail that may still become a stop sequence
+        hold = 0 if m is None else m.held(req.stop_state)  # the longest tail that may still become a stop sequence
         if len(g) - hold > req.sent:
             self._deliver(req, len(g) - hold, None)
         return True

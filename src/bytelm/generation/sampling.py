@@ -25,6 +25,10 @@ from ..errors import ContextLengthError, GenerationError, GenerationFailed
 SMALLEST = torch.finfo(torch.float32).tiny
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64 - 1 (and negative ones, which it wraps)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+# Stop sequences are matched in amortised O(1) per byte whatever their number (stops.py); these bound only the
+# automaton built per request (one state per byte of them). The server's own limits are lower (ServerLimits).
+MAX_STOPS = 128
+MAX_STOP_BYTES = 1024
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -94,6 +98,9 @@ class SamplingParams:
         check_seed(self.seed)
         if not isinstance(self.stop, tuple) or not all(isinstance(s, bytes) and s for s in self.stop):
             raise GenerationError("stop must be a tuple of non-empty byte strings")
+        if len(self.stop) > MAX_STOPS or any(len(s) > MAX_STOP_BYTES for s in self.stop):
+            raise GenerationError(f"stop: at most {MAX_STOPS} stop sequences of at most {MAX_STOP_BYTES} bytes each, "
+                                  f"got {len(self.stop)} of up to {max(map(len, self.stop))} bytes")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):

@@ -7,24 +7,27 @@ one `Engine` that batches every stream of every request; and a page to try the m
 Each endpoint has its handler (serving_*.py), which turns its typed request (protocol.py) into `SamplingParams` and
 the engine's outputs into its typed response; this module only wires routes to them.
 
-Faults are answered, never crashed on: a bad body is a 400 with OpenAI's error shape, a wrong or missing key a 401, a
-prompt that does not fit the context a 400, a full engine a 429 with Retry-After, an oversized body a 413. A client
-that goes away mid-stream cancels its request, and the engine frees its slot at its next step.
+Faults are answered, never crashed on (a schemathesis run from /openapi.json is a test): a bad body is a 400 with
+OpenAI's error shape naming the field, a wrong or missing key a 401 (checked before the body is read, middleware.py),
+a prompt that does not fit the context a 400, a full engine a 429 with Retry-After, an oversized body a 413, a body
+that stops arriving a 408, a foreign Host on a loopback server a 400. A client that goes away cancels its request,
+streamed or not, and the engine frees its slot at its next step. POST /v1/responses is a 404 naming the endpoint to
+use instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
+import json
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..generation.engine import Engine
-from .metrics import Metrics
+from .metrics import Metrics, route_label
 from .middleware import Guard
 from .protocol import (
     ApiError,
@@ -48,8 +51,11 @@ DEFAULT_LIMITS = ServerLimits()
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None,
-               limits: ServerLimits = DEFAULT_LIMITS) -> FastAPI:
-    """The server for one model. The app starts the engine's thread on startup and drains it on shutdown."""
+               limits: ServerLimits = DEFAULT_LIMITS, allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+    """The server for one model. The app starts the engine's thread on startup and drains it on shutdown.
+    api_key: required on every path but /health, /metrics, /openapi.json, / and /static/ (middleware.OPEN_PATHS).
+    allowed_hosts: the `Host` names it answers to (None: any; `bytelm serve` on loopback: middleware.LOOPBACK_HOSTS
+    and those of --allowed-hosts)."""
     metrics = Metrics(engine)
     served = (engine, model_name, metrics, limits)
     completion, chat = ServingCompletion(*served), ServingChat(*served)
@@ -66,10 +72,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
         await asyncio.to_thread(engine.stop, True, limits.drain_timeout_s)
 
     app = FastAPI(title="bytelm", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Guard, limit=limits.max_request_bytes,
-                       count=lambda path, code: metrics.requests.labels(path, str(code)).inc())
+    def count(scope, code: int) -> None:
+        metrics.requests.labels(route_label(scope, app.routes), str(code)).inc()
+
+    app.add_middleware(Guard, limit=limits.max_request_bytes, timeout=limits.body_timeout_s, api_key=api_key,
+                       allowed_hosts=allowed_hosts, count=count)
     answer_errors(app)
-    keyed = [Depends(key_check(api_key))]  # /health and /metrics stay open: probes and scrapers hold no key
 
     @app.get("/", include_in_schema=False)  # the page holds no data: open, as are its assets; its API calls are keyed
     async def playground_route():
@@ -87,54 +95,45 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None,
     async def metrics_route():
         return health.metrics_page()
 
-    @app.get("/v1/models", dependencies=keyed)
+    @app.get("/v1/models")
     async def models_route():
         return models.list()
 
-    @app.post("/v1/completions", dependencies=keyed)
+    @app.post("/v1/completions")
     async def completions_route(body: CompletionRequest, request: Request):
         return await completion.create(body, request)
 
-    @app.post("/v1/chat/completions", dependencies=keyed)
+    @app.post("/v1/chat/completions")
     async def chat_route(body: ChatCompletionRequest, request: Request):
         return await chat.create(body, request)
 
     # vLLM's paths (at the root, not under /v1): lm-evaluation-harness finds them there
-    @app.get("/tokenizer_info", dependencies=keyed)
+    @app.get("/tokenizer_info")
     async def tokenizer_info_route():
         return tokenizer_info.info()
 
-    @app.post("/tokenize", dependencies=keyed)
+    @app.post("/tokenize")
     async def tokenize_route(body: TokenizeRequest):
         return tokenize.tokenize(body)
 
-    @app.post("/detokenize", dependencies=keyed)
+    @app.post("/detokenize")
     async def detokenize_route(body: DetokenizeRequest):
         return detokenize.detokenize(body)
 
-    @app.post("/v1/images/generations", dependencies=keyed)
+    @app.post("/v1/images/generations")
     async def images_route(body: ImageGenerationRequest, request: Request):
         return await images.create(body, request)
 
-    @app.post("/v1/audio/generations", dependencies=keyed)
+    @app.post("/v1/audio/generations")
     async def audio_route(body: AudioGenerationRequest, request: Request):
         return await audio.create(body, request)
 
+    @app.post("/v1/responses", status_code=404, responses={404: {"description": "not served: see the message"}})
+    async def responses_route():
+        raise ApiError(404, "POST /v1/responses (OpenAI's Responses API) is not served by bytelm: use "
+                       "/v1/chat/completions (or /v1/completions) instead", code="unsupported_endpoint")
+
     return app
-
-
-def key_check(api_key: str | None):
-    """The dependency that refuses a request without `Authorization: Bearer API_KEY` (none: every request passes)."""
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                           "authentication_error", code="invalid_api_key")
-
-    return check_key
 
 
 def answer_errors(app: FastAPI) -> None:
@@ -143,25 +142,54 @@ def answer_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+        return ErrorResponse(e.body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body("the body is not valid JSON"), status_code=400)
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return JSONResponse(error_body(f"{where or 'body'}: {first.get('msg')}", param=where or None),
-                            status_code=400)
+        errors = e.errors() or [{"loc": (), "msg": "invalid request"}]
+        if errors[0].get("type") == "json_invalid":
+            return ErrorResponse(error_body("the body is not valid JSON"), status_code=400)
+        where, msg = invalid_field(errors)
+        return ErrorResponse(error_body(f"{where or 'body'}: {msg}", param=where or None), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error" if e.status_code < 500 else
-                                       "server_error"), status_code=e.status_code, headers=e.headers)
+        return ErrorResponse(error_body(str(e.detail), "invalid_request_error" if e.status_code < 500 else
+                                        "server_error"), status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        return ErrorResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON in ASCII: an error may quote what the client sent, lone surrogates included, which UTF-8 cannot encode
+    (JSONResponse's ensure_ascii=False would then fail, a 500)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+def invalid_field(errors: list[dict]) -> tuple[str, str]:
+    """The field to name for a body that does not validate, as 'messages[0].content[1].text', and what is wrong.
+    pydantic reports a union's failure once per member, tagged ('prompt', 'list[str]', 0): the tags are dropped and
+    the deepest field is named (the member the value came closest to), with each member's complaint about it."""
+    def field(loc) -> str:
+        out = ""
+        for x in loc:
+            if isinstance(x, int):
+                out += f"[{x}]"
+            elif x != "body" and x.isidentifier() and x not in UNION_TAGS:
+                out += f".{x}" if out else x
+        return out
+
+    fields = [field(err.get("loc", ())) for err in errors]
+    deepest = max(fields, key=lambda f: f.count(".") + f.count("["))
+    msgs = dict.fromkeys(str(err.get("msg")) for err, f in zip(errors, fields, strict=True) if f == deepest)
+    return deepest, "; or ".join(msgs)
+
+
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "function-after"})
 
 
 __all__ = ["ServerLimits", "create_app"]

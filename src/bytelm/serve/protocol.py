@@ -6,14 +6,18 @@ token ids (the bytes themselves, 0..255, and 256 = <|endoftext|>, the start of t
 text; /v1/completions takes a list of such prompts too (one choice each). Fields OpenAI has and a byte model cannot
 honour (penalties, logit_bias, n > 1, suffix, best_of, tools) are refused with a 400 naming the field, not silently
 ignored.
+
+Types are strict (pydantic's strict mode): `"max_tokens": "10"`, `"stream": "true"` or a prompt `[true, false]` is a
+400, not a guess; a JSON integer is still a number where a float is asked for. Text that does not encode as UTF-8 (a
+lone surrogate such as "\ud800", which JSON can spell) is a 400 naming its field when it is encoded (`utf8`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The byte tokenizer (vLLM's /tokenize and /detokenize; lm-evaluation-harness counts contexts with it): token ids
 # 0..255 are the bytes, 256 is <|endoftext|>, the stream boundary. Every bytelm stream starts from the empty context,
@@ -48,7 +52,7 @@ def text_tokens(text: str) -> list[int]:
 def as_prompt(x: str | list[int], where: str) -> Prompt:
     """A prompt from text or token ids, or a 400 naming where (`where`: its place in the request) it is wrong."""
     if isinstance(x, str):
-        return Prompt(x.encode("utf-8"))
+        return Prompt(utf8(x, where))
     for i, t in enumerate(x):
         if not 0 <= t <= EOT_ID:
             raise ApiError(400, f"{where}[{i}]: token id {t} is not a byte (0..255) or <|endoftext|> (256)",
@@ -60,19 +64,33 @@ def as_prompt(x: str | list[int], where: str) -> Prompt:
     return Prompt(bytes(x[eot:]), eot)
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator's range; negative seeds are refused, not wrapped
+
+
+def utf8(text: str, field: str) -> bytes:
+    """text as UTF-8, or a 400 naming the field (JSON's \uD800 escapes decode to lone surrogates, which do not
+    encode)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{field}: not valid Unicode text (a lone surrogate {text[e.start]!r} at character "
+                       f"{e.start}); send UTF-8 text", param=field) from None
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields of newer API versions: accepted, unused
+    model_config = ConfigDict(extra="allow", strict=True)  # extra: fields of newer API versions, accepted, unused
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=1, le=256)] | None = None  # vLLM's extension; -1 or absent: off
-    seed: int | None = None
+    top_k: Literal[-1] | Annotated[int, Field(ge=1, le=256)] | None = None  # vLLM's extension; -1 or absent: off
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,6 +99,11 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, v: int | None) -> int | None:
+        return None if v == -1 else v
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""
@@ -93,8 +116,9 @@ class _Common(BaseModel):
         return None
 
     def stops(self) -> tuple[bytes, ...]:
-        s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(x.encode("utf-8") for x in s if x)
+        if isinstance(self.stop, str):
+            return (utf8(self.stop, "stop"),) if self.stop else ()
+        return tuple(utf8(x, f"stop[{i}]") for i, x in enumerate(self.stop or []) if x)
 
 
 class CompletionRequest(_Common):
@@ -126,14 +150,26 @@ class CompletionRequest(_Common):
         return [as_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)]
 
 
+class TextPart(BaseModel):
+    """A chat content part. Only text: a byte model reads no images or sound, so any other part type (image_url,
+    input_audio, file) is a 400 naming it, not silently dropped."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
+    """A chat turn; `tool` turns (a tool's result, sent back after a tool call) are rendered as their own
+    <|tool|> turn, their `tool_call_id` unused."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: the text ones, in order
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):  # content parts, in order
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
@@ -142,7 +178,7 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list[Any] | None = None
+    tools: list | None = None
 
     def unsupported(self) -> str | None:
         return "tools" if self.tools else super().unsupported()
@@ -174,11 +210,10 @@ class DetokenizeRequest(BaseModel):
 # (`audio`) are the only prompts. Each of `n` outputs is one engine stream; image i of a seeded request uses seed
 # (seed + i) mod 2**64, so it is the image a request for one with that seed gets.
 MAX_OUTPUTS = 10  # n: as OpenAI's images API
-MAX_SEED = 2**64 - 1
 
 
 class _MediaCommon(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields of newer API versions: accepted, unused
+    model_config = ConfigDict(extra="allow", strict=True)  # extra: fields of newer API versions, accepted, unused
 
     model: str | None = None
     prompt: str = ""  # must be empty (or absent): these models are not text-conditioned
@@ -235,6 +270,8 @@ CHAT_STOP = "\n<|"
 def chat_prompt(messages: list[ChatMessage]) -> bytes:
     """<|system|>\\n...\\n<|user|>\\n...\\n<|assistant|>\\n: the reply is generated after the last marker."""
     roles = {"developer": "system"}
+    for i, m in enumerate(messages):
+        utf8(m.text(), f"messages[{i}].content")
     turns = "".join(CHAT_TURN.format(role=roles.get(m.role, m.role), content=m.text()) for m in messages)
     return (turns + CHAT_REPLY).encode("utf-8")
 

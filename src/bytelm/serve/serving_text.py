@@ -78,11 +78,19 @@ class TextServing(Serving):
                               top_p=None if body.top_p >= 1 else body.top_p, seed=body.seed, stop=self.stops(body),
                               logprobs=logprobs, prompt_logprobs=logprobs if self.echo(body) else None)
 
+    def check_stops(self, stops: tuple[bytes, ...]) -> None:
+        """The client's stop sequences within the server's bounds (the chat endpoint adds its own turn marker)."""
+        most, longest = self.limits.max_stops, self.limits.max_stop_bytes
+        if len(stops) > most or any(len(s) > longest for s in stops):
+            raise ApiError(400, f"stop: at most {most} stop sequences of at most {longest} bytes each (UTF-8), got "
+                           f"{len(stops)} of up to {max(map(len, stops))} bytes", param="stop")
+
     async def create(self, body: TextRequest, request: Request):
         self.check_model(body, "bytes")
         field = body.unsupported()
         if field is not None:
             raise ApiError(400, f"{field}: not supported by this server", param=field)
+        self.check_stops(body.stops())
         prompts = self.prompts(body)
         subs = self.submit_all([(p.data, self.params(body, p)) for p in prompts], "prompt")
         head = {"id": f"{self.id_prefix}-{secrets.token_hex(12)}", "object": self.object, "created": int(time.time()),
