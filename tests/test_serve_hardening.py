@@ -206,7 +206,7 @@ def test_a_body_that_stops_arriving_gets_408(server):
         t0 = time.monotonic()
         reply = s.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408") and b"stopped arriving" in reply
-    assert 0.9 < time.monotonic() - t0 < 5  # --body-timeout 1
+    assert 0.9 < time.monotonic() - t0 < 20  # --body-timeout 1, not the default 30 s (a loaded machine is slow)
 
 
 @pytest.mark.parametrize("host, ok", [("evil.example", False), ("localhost.evil.example", False),
