@@ -409,8 +409,11 @@ class Engine:
         constrained = [j for j, r in enumerate(ready) if r.matcher is not None]
         if not constrained:
             return None
+        rows = allowed_bytes([ready[j].matcher for j in constrained])
+        if len(constrained) == len(ready):
+            return rows
         allowed = torch.ones(len(ready), 256, dtype=torch.bool)
-        allowed[constrained] = allowed_bytes([ready[j].matcher for j in constrained])
+        allowed[constrained] = rows
         return allowed
 
     def _feed(self, due: list[Request]) -> None:

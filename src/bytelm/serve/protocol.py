@@ -4,6 +4,8 @@ bytelm's /v1/audio/generations), as pydantic models, and the byte-level chat tem
 Bytes are tokens here: `max_tokens` counts bytes, usage counts bytes, and a prompt may be given as a list of
 integers 0..255 (the bytes themselves) as well as text. Fields OpenAI has and a byte model cannot honour (penalties,
 logit_bias, n > 1, echo, suffix, best_of, tools) are refused with a 400 naming the field, not silently ignored.
+`response_format` (json_object, json_schema) is honoured exactly: decoding is constrained byte by byte
+(bytelm.generation.constrain), and a schema that cannot be honoured is a 400 naming the problem.
 """
 
 from __future__ import annotations
@@ -17,6 +19,35 @@ Byte = Annotated[int, Field(ge=0, le=255)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`. `strict` or not, the output follows the schema (as vLLM's)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` would shadow BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text"}` (the default), `{"type": "json_object"}` (any JSON object) or `{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict", "description"}}`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_dict(self) -> dict | None:
+        """The JSON schema the output must follow, or None (text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self.json_schema.schema_
 
 
 class _Common(BaseModel):
@@ -36,6 +67,7 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     def unsupported(self) -> str | None:
         """The first field set to something this server cannot do, or None."""

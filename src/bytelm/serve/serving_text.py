@@ -12,7 +12,8 @@ import time
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..generation import SamplingParams
+from ..errors import GenerationError
+from ..generation import JsonSchema, SamplingParams
 from ..generation.engine import ByteLogprob
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, error_body
 from .serving import Serving, Submission
@@ -66,7 +67,7 @@ class TextServing(Serving):
             max_new = max(0, self.engine.max_len - len(prompt))
         return SamplingParams(max_new_bytes=max_new, temperature=body.temperature, top_k=body.top_k,
                               top_p=None if body.top_p >= 1 else body.top_p, seed=body.seed, stop=self.stops(body),
-                              logprobs=self.top_logprobs(body))
+                              logprobs=self.top_logprobs(body), grammar=grammar(body))
 
     async def create(self, body: TextRequest, request: Request):
         prompt = self.prompt(body)
@@ -127,6 +128,21 @@ class TextServing(Serving):
         if include_usage:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(prompt_len, last.generated)})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+def grammar(body: TextRequest) -> JsonSchema | None:
+    """The JSON schema `response_format` asks for, compiled now: one it cannot honour is a 400 naming the problem."""
+    if body.response_format is None:
+        return None
+    try:
+        schema = body.response_format.schema_dict()
+        if schema is None:
+            return None
+        g = JsonSchema(schema)
+        g.check()
+        return g
+    except (ValueError, GenerationError) as e:  # GenerationError is a ValueError too: one answer
+        raise ApiError(400, f"response_format: {e}", param="response_format") from e
 
 
 def usage(prompt_bytes: int, generated: int) -> dict:
