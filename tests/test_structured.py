@@ -36,10 +36,30 @@ SCHEMAS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models decode fastest on one thread, and a busy CI machine does not oversubscribe its cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def check(schema: dict, data: bytes) -> object:
     doc = json.loads(data.decode("utf-8"))  # strict UTF-8: a multi-byte character built byte by byte is whole
     jsonschema.validate(doc, schema, format_checker=jsonschema.FormatChecker())
     return doc
+
+
+def run(model, params: list[SamplingParams], prompt: bytes = b"ab") -> list[tuple[bytes, str]]:
+    """Each request's bytes and finish reason, all in one engine batch."""
+    engine = Engine(model, max_streams=len(params))
+    outs = [[] for _ in params]
+    for p, o in zip(params, outs, strict=True):
+        engine.submit(prompt, p, o.append)
+    while any(not o or o[-1].finish_reason is None for o in outs):
+        engine.step()
+    return [(b"".join(x.data for x in o), o[-1].finish_reason) for o in outs]
 
 
 def test_every_constrained_output_parses_and_validates(megabyte):
@@ -65,11 +85,10 @@ def test_every_constrained_output_parses_and_validates(megabyte):
 
 
 def test_json_object_is_an_object_and_model_generate_takes_a_schema(megabyte):
-    engine = Engine(megabyte, max_streams=4)
-    outs = [engine.generate(b"", SamplingParams(max_new_bytes=400, seed=s, grammar=JsonSchema())) for s in range(2)]
-    for out in outs:  # any JSON has unbounded strings: a random model's document may be cut by max_new_bytes
-        assert out.finish_reason == "length" or isinstance(json.loads(out.data), dict)
-    assert any(out.finish_reason == "stop" for out in outs)
+    outs = run(megabyte, [SamplingParams(max_new_bytes=300, seed=s, grammar=JsonSchema()) for s in range(3)])
+    for data, finish in outs:  # any JSON has unbounded strings: a random model's document may be cut by max_new_bytes
+        assert finish == "length" or isinstance(json.loads(data), dict)
+    assert any(finish == "stop" for _, finish in outs)
     schema = SCHEMAS["enum"]
     streamed = b"".join(megabyte.stream(b"x", 100, seed=3, json_schema=schema))
     assert streamed == megabyte.generate(b"x", 100, seed=3, json_schema=JsonSchema(schema))
@@ -84,18 +103,8 @@ def test_unconstrained_rows_beside_constrained_ones_keep_their_bytes(megabyte):
               SamplingParams(max_new_bytes=80, temperature=1.0, seed=2, grammar=JsonSchema(SCHEMAS["enum"])),
               SamplingParams(max_new_bytes=40, temperature=0),
               SamplingParams(max_new_bytes=80, temperature=1.0, seed=3, grammar=JsonSchema(SCHEMAS["flat"]))]
-
-    def run(params):
-        engine = Engine(megabyte, max_streams=len(params))
-        outs = [[] for _ in params]
-        for p, o in zip(params, outs, strict=True):
-            engine.submit(b"ab", p, o.append)
-        while any(not o or o[-1].finish_reason is None for o in outs):
-            engine.step()
-        return [(b"".join(x.data for x in o), o[-1].finish_reason) for o in outs]
-
-    together = run(params)
-    assert together == [run([p])[0] for p in params]
+    together = run(megabyte, params)
+    assert together == [run(megabyte, [p])[0] for p in params]
     assert [f for _, f in together] == ["length", "stop", "length", "stop"]
 
 
@@ -143,6 +152,7 @@ def server(tmp_path_factory):
     folder = Megabyte(MegabyteConfig.from_name("tiny", max_seq_len=1024)).eval().save_pretrained(
         tmp_path_factory.mktemp("structured") / "tiny")
     s = Server(folder, "--max-streams", "8")
+    s.model = str(folder)
     yield s
     s.kill()
 
@@ -159,7 +169,8 @@ def test_openai_sdk_structured_outputs_parse_and_validate(server):
     messages = [{"role": "user", "content": "Describe a person as JSON."}]
 
     def one(name: str, seed: int, stream: bool, chat: bool) -> tuple[str | None, str]:
-        kw = dict(max_tokens=400, temperature=1.0, seed=seed, response_format=schema_format(name), stream=stream)
+        kw = dict(model=server.model, max_tokens=400, temperature=1.0, seed=seed, stream=stream,
+                  response_format=schema_format(name))
         if chat:
             r = client.chat.completions.create(messages=messages, **kw)
             if stream:
@@ -181,7 +192,7 @@ def test_openai_sdk_structured_outputs_parse_and_validate(server):
         assert finish == "stop", (name, text)
         check(SCHEMAS[name], text.encode())
     # json_object: an object (ended by "stop") or cut by max_tokens
-    r = client.chat.completions.create(messages=messages, max_tokens=600, seed=1,
+    r = client.chat.completions.create(model=server.model, messages=messages, max_tokens=600, seed=1,
                                        response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
@@ -199,8 +210,8 @@ def test_openai_sdk_parse_with_a_pydantic_model(server):
 
     client = server.client()
     for seed in range(2):
-        r = client.beta.chat.completions.parse(messages=[{"role": "user", "content": "a person"}], max_tokens=300,
-                                               seed=seed, response_format=Person)
+        r = client.beta.chat.completions.parse(model=server.model, messages=[{"role": "user", "content": "a person"}],
+                                               max_tokens=300, seed=seed, response_format=Person)
         assert isinstance(r.choices[0].message.parsed, Person)
 
 

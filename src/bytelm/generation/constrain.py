@@ -79,9 +79,9 @@ def _compile(schema: str) -> str:
 @dataclass(frozen=True)
 class JsonSchema:
     """Constrain the output to one JSON document valid under `schema` (a dict, or its JSON text); `JsonSchema()`
-    (no schema, or {"type": "object"}) is OpenAI's `json_object`: any JSON object. Hashable: kept as canonical text."""
+    (no schema, or {"type": "object"}) is OpenAI's `json_object`: any JSON object. Hashable: kept as JSON text."""
 
-    schema: Any = field(default='{"type": "object"}')  # a dict or JSON text; kept as canonical JSON text
+    schema: Any = field(default='{"type": "object"}')  # a dict or JSON text; kept as JSON text
 
     def __post_init__(self) -> None:
         s = self.schema
@@ -92,7 +92,8 @@ class JsonSchema:
                 raise GenerationError(f"invalid JSON schema: not JSON ({e})") from e
         if not isinstance(s, dict):
             raise GenerationError(f"a JSON schema must be an object, got {type(s).__name__}")
-        object.__setattr__(self, "schema", json.dumps(s, sort_keys=True, ensure_ascii=False))
+        # keys keep their order: the output's properties come in the schema's order (as OpenAI's structured outputs)
+        object.__setattr__(self, "schema", json.dumps(s, ensure_ascii=False))
 
     def check(self) -> None:
         """Compile it now (cached): a schema that cannot be honoured is refused before any work."""
@@ -138,8 +139,9 @@ def allowed_bytes(matchers: list[Matcher]) -> torch.Tensor:
     A row with none (a matcher in an error state) must end with an error."""
     # in numpy, a few µs a row (torch's small ops cost tens of µs each, per byte generated)
     words = np.empty((len(matchers), WORDS), dtype=np.uint32)
+    base = words.ctypes.data
     for i, m in enumerate(matchers):
-        m.fill(words.ctypes.data + i * WORDS * 4)
+        m.fill(base + i * WORDS * 4)
     bits = np.unpackbits(words.astype("<u4", copy=False).view(np.uint8), axis=-1, bitorder="little").view(bool)
     bits[:, END_BYTE] |= bits[:, END]
     return torch.from_numpy(bits[:, :256])
