@@ -16,8 +16,8 @@ from bytelm.generation import Engine, JsonSchema, SamplingParams  # noqa: E402
 from bytelm.generation.constrain import END_BYTE  # noqa: E402
 
 OBJ = {"type": "object", "additionalProperties": False}
-# Bounded so a random model's documents end: strings have a maxLength, arrays a maxItems, integers a range. A number
-# with a fraction has no bound on its digits; a random model still ends it quickly (most allowed bytes end it).
+# Bounded so a random model's documents end: strings have a maxLength, arrays a maxItems, integers a range, numbers a
+# multipleOf (without one a number's digits are unbounded, and a random model may write digits until max_tokens).
 SCHEMAS = {
     "flat": {**OBJ, "properties": {"name": {"type": "string", "maxLength": 8},
                                    "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -28,7 +28,7 @@ SCHEMAS = {
         "id": {"type": "integer", "minimum": -5, "maximum": 5},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 3}},
         "required": ["id", "tags"]}}, "required": ["user"]},
-    "numbers": {**OBJ, "properties": {"x": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+    "numbers": {**OBJ, "properties": {"x": {"type": "number", "minimum": -1.5, "maximum": 2.5, "multipleOf": 0.25},
                                       "n": {"type": "integer", "exclusiveMinimum": 0, "maximum": 99}},
                 "required": ["x", "n"]},
     "unicode": {**OBJ, "properties": {"word": {"type": "string", "minLength": 3, "maxLength": 5},
