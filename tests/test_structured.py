@@ -236,3 +236,16 @@ def test_response_format_text_is_plain_generation(server):
     plain = server.post("/v1/completions", body).json()["choices"][0]["text"]
     text = server.post("/v1/completions", {**body, "response_format": {"type": "text"}}).json()
     assert text["choices"][0]["text"] == plain
+
+
+def test_cli_generate_json_schema(megabyte, tmp_path, capsys):
+    from bytelm.cli import main
+
+    folder = megabyte.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "s.json").write_text(json.dumps(SCHEMAS["enum"]))
+    assert main(["generate", str(folder), "--json-schema", str(tmp_path / "s.json"), "--seed", "1", "--no-echo",
+                 "--device", "cpu"]) == 0
+    check(SCHEMAS["enum"], capsys.readouterr().out.strip().encode())
+    (tmp_path / "bad.json").write_text('{"type": "foo"}')
+    assert main(["generate", str(folder), "--json-schema", str(tmp_path / "bad.json"), "--device", "cpu"]) == 2
+    assert "Invalid type" in capsys.readouterr().err
