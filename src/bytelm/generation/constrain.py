@@ -6,9 +6,9 @@ come next, the others get -inf before sampling, and every finished document pars
 is llguidance (Microsoft's, also under vLLM and SGLang), chosen by measurement over xgrammar and outlines-core
 (benchmarks/grammar.py, results in benchmarks/results/grammar.md): it honours every schema feature measured (bounds,
 required fields, additionalProperties false, enums, array lengths, string formats, UTF-8 built byte by byte), builds
-a matcher in about a millisecond, costs 10-20 µs per byte, and its wheel has no dependencies. xgrammar is 4x faster
-per byte but takes 2.4 s to start and pulls in transformers and triton (1 GB); outlines-core ignores numeric bounds
-and took 20 s to compile `{"type": "object"}`.
+a matcher in about a millisecond, costs 10-40 µs per byte (more for bounded numbers) and its wheel has no
+dependencies. xgrammar is ~4x faster per byte but takes 2.4 s to start and pulls in transformers and triton (1 GB);
+outlines-core ignores numeric bounds and took 16-23 s to compile `{"type": "object"}`.
 
 The end of a document: a byte vocabulary has no end-of-text token. The matcher's vocabulary is the 256 bytes plus
 one end token; when the grammar may end (a complete top-level number, say) the end is offered to the model as byte
@@ -102,10 +102,6 @@ class JsonSchema:
     def matcher(self) -> Matcher:
         return Matcher(_compile(self.schema))
 
-    @property
-    def as_dict(self) -> Any:
-        return json.loads(self.schema)
-
 
 class Matcher:
     """One request's position in its grammar: which bytes may come next, advanced by each byte sampled."""
@@ -115,11 +111,6 @@ class Matcher:
         self.m = llg.LLMatcher(_tokenizer(), grammar, log_level=0)
         if self.m.is_error():
             raise GenerationError(f"cannot use this JSON schema: {self.m.get_error()}")
-
-    @property
-    def done(self) -> bool:
-        """The document is complete and nothing may follow it."""
-        return self.m.is_stopped()
 
     def fill(self, address: int) -> None:
         """Write the next allowed set as WORDS little-endian 32-bit words at this memory address: bit i of the set
