@@ -40,15 +40,25 @@ import torch
 
 from ..errors import BytelmError, ContextLengthError, GenerationError
 from ..nn import Step
+from .constrain import END_BYTE, Matcher, allowed_bytes
 from .protocol import Decodable
-from .sampling import MAX_TOP_LOGPROBS, SamplingMetadata, SamplingParams, check_logits, sample_batch  # noqa: F401
+from .sampling import (  # noqa: F401
+    MAX_TOP_LOGPROBS,
+    SamplingMetadata,
+    SamplingParams,
+    check_logits,
+    constrain_logits,
+    sample_batch,
+)
 from .stops import StopMatcher
 
 
 @dataclass(frozen=True)
 class ByteLogprob:
     byte: int
-    logprob: float  # natural log of the model's probability of this byte (before temperature, top-k, top-p)
+    # natural log of the model's probability of this byte (before temperature, top-k, top-p); for a request with a
+    # grammar, among the bytes the grammar allowed (renormalized over them, as vLLM reports after logits processors)
+    logprob: float
     top: tuple[tuple[int, float], ...]  # the likeliest bytes and theirs, most likely first
 
 
@@ -58,7 +68,8 @@ class Output:
 
     data: bytes
     logprobs: tuple[ByteLogprob, ...] | None = None  # one per byte of data, when asked for
-    finish_reason: str | None = None  # "stop" (a stop sequence), "length", "cancelled", "error"; None: more to come
+    # "stop" (a stop sequence, or the grammar's document complete), "length", "cancelled", "error"; None: more to come
+    finish_reason: str | None = None
     generated: int = 0  # bytes the model generated so far (stop sequences included): usage
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False)  # what failed, for in-process callers
@@ -83,6 +94,7 @@ class Request:
     cancelled: bool = False
     finished: bool = False
     generator: torch.Generator | None = None
+    matcher: Matcher | None = None  # the request's place in its grammar (SamplingParams.grammar)
     prefilled: int = 0  # prompt bytes in the state so far (a long prompt goes in chunks)
     prefilling: bool = True
     logits: torch.Tensor | None = None  # (256,) the next byte's, waiting to be sampled
@@ -176,6 +188,8 @@ class Engine:
             raise ContextLengthError(f"prompt ({len(prompt)} bytes) + max_new_bytes ({params.max_new_bytes}) exceeds "
                                      f"this engine's {self.max_len} positions per stream")
         req = Request(bytes(prompt), params, on_output, stops=StopMatcher(params.stop) if params.stop else None)
+        if params.grammar is not None:
+            req.matcher = params.grammar.matcher()
         if params.max_new_bytes == 0 and params.prompt_logprobs is None:  # nothing to do: done before it starts
             req.finished = True
             on_output(Output(b"", () if params.logprobs is not None else None, "length", 0))
@@ -386,13 +400,26 @@ class Engine:
         if self._meta is None or self._meta[0] != key:  # the same rows as last step: the same settings
             self._meta = key, SamplingMetadata.from_params([r.params for r in ready], [r.generator for r in ready],
                                                            logits.device)
-        nxt, bad = sample_batch(logits, self._meta[1])
+        allowed = self._allowed(ready)  # None when no row has a grammar: unconstrained batches pay nothing
+        nxt, bad = sample_batch(logits, self._meta[1], allowed)
+        if allowed is not None:
+            stuck = ~allowed.any(dim=-1)  # a matcher in an error state allows nothing: a bug, ended as an error
+            if bool(stuck.any()):
+                with self.cond:
+                    for req in [r for r, s in zip(ready, stuck.tolist(), strict=True) if s]:
+                        self._finish(req, "error", "the grammar allows no next byte")
+                keep = ~stuck if bad is None else ~stuck & ~bad
+                bad = ~keep
         if bad is not None:  # rows whose model output is NaN or inf end with an error; the others go on
             keep = (~bad).tolist()
-            self._guard([r for r, ok in zip(ready, keep, strict=True) if not ok], check_logits, logits[bad])
+            self._guard([r for r, ok in zip(ready, keep, strict=True) if not ok and not r.finished], check_logits,
+                        logits[bad])
             ready = [r for r, ok in zip(ready, keep, strict=True) if ok]
             logits, nxt = logits[~bad], nxt[~bad]
-        lp = torch.log_softmax(logits.float(), dim=-1) if any(r.params.logprobs is not None for r in ready) else None
+            allowed = allowed[~bad] if allowed is not None else None
+        lp = None
+        if any(r.params.logprobs is not None for r in ready):  # after the grammar's mask (see ByteLogprob)
+            lp = torch.log_softmax((logits if allowed is None else constrain_logits(logits, allowed)).float(), dim=-1)
         values = nxt.tolist()
         with self.cond:
             for j, req in enumerate(ready):
@@ -403,10 +430,25 @@ class Engine:
                 if lp is not None and req.params.logprobs is not None:
                     top = torch.topk(lp[j], req.params.logprobs) if req.params.logprobs else None
                     req.held.append(ByteLogprob(values[j], float(lp[j, values[j]]), tuple(
-                        zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()))
+                        (b, v) for b, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+                        if v > float("-inf")) if top is not None else ()))  # bytes the grammar refused: not offered
                 if self._emit(req, values[j]):
                     req.byte = values[j]
         self.stats["bytes"] += len(ready)
+
+    @staticmethod
+    def _allowed(ready: list[Request]) -> torch.Tensor | None:
+        """(n, 256) bool: the bytes each row may take next (all, for a row without a grammar), or None when no row has
+        a grammar."""
+        constrained = [j for j, r in enumerate(ready) if r.matcher is not None]
+        if not constrained:
+            return None
+        rows = allowed_bytes([ready[j].matcher for j in constrained])
+        if len(constrained) == len(ready):
+            return rows
+        allowed = torch.ones(len(ready), 256, dtype=torch.bool)
+        allowed[constrained] = rows
+        return allowed
 
     def _feed(self, due: list[Request]) -> None:
         """One batched decode step: each row's sampled byte at its own position."""
@@ -439,6 +481,9 @@ class Engine:
             req.first_byte_at = time.perf_counter()
         req.generated.append(byte)
         g, m = req.generated, req.stops
+        if req.matcher is not None and req.matcher.advance(byte):  # the document is complete
+            self._deliver(req, len(g) - (byte == END_BYTE), "stop")  # the end (END_BYTE) is not sent
+            return False
         if m is not None:  # amortised O(1) per byte, however many and long the stop sequences (stops.py)
             req.stop_state = m.step(req.stop_state, byte)
             s = m.stop_at(req.stop_state)

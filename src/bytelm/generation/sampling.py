@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import ContextLengthError, GenerationError, GenerationFailed
+from .constrain import JsonSchema
 
 # Logits are sampled in float32: a temperature or top-p below its smallest normal number (~1.2e-38) would be divided
 # by or compared as 0 or a denormal there, and could not give a distribution to sample from.
@@ -81,7 +82,8 @@ class SamplingParams:
     """What one request asks for. temperature 0 is greedy; `stop`: byte strings that end the stream (not sent);
     `logprobs`: None for none, n >= 0 for the chosen byte's log-probability and the n likeliest bytes';
     `prompt_logprobs` (vLLM's name): the same for every byte of the prompt, given with the first output (OpenAI's
-    `echo`). The first prompt byte's is real: the model predicts it from the empty context."""
+    `echo`). The first prompt byte's is real: the model predicts it from the empty context.
+    `grammar`: a `JsonSchema` the output must follow (bytelm.generation.constrain); each request gets a matcher."""
 
     max_new_bytes: int = 256
     temperature: float = 1.0
@@ -91,6 +93,7 @@ class SamplingParams:
     stop: tuple[bytes, ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    grammar: JsonSchema | None = None
 
     def check(self, model: Any, prompt_len: int) -> None:
         """Every field, and that the prompt plus max_new_bytes fits `model.config.max_seq_len` (a `Decodable`)."""
@@ -106,6 +109,10 @@ class SamplingParams:
             if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS):
                 raise GenerationError(f"{name} must be an integer in 0..{MAX_TOP_LOGPROBS}, got {n!r}")
         check_length(prompt_len, self.max_new_bytes, model.config.max_seq_len)
+        if self.grammar is not None:
+            if not isinstance(self.grammar, JsonSchema):
+                raise GenerationError(f"grammar must be a JsonSchema, got {type(self.grammar).__name__}")
+            self.grammar.check()
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,16 +180,27 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor | None:
     return ~finite.all(dim=-1)
 
 
-def sample_batch(logits: torch.Tensor, meta: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample_batch(logits: torch.Tensor, meta: SamplingMetadata, allowed: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next bytes (n,) for logits (n, 256), each row with its own settings and generator, and the mask of rows
     whose logits are not finite (None when all are). Those rows' bytes mean nothing: end those requests with an
-    error; the other rows are sampled as if they were alone."""
+    error; the other rows are sampled as if they were alone. `allowed` (n, 256) bool, for a batch with constrained
+    rows: the bytes each row may take (every byte, for an unconstrained row); the others are set to -inf before
+    temperature, top-k and top-p, so a constrained row samples among what its grammar allows, and an unconstrained
+    row's logits are untouched."""
     if logits.shape[0] != meta.n:
         raise ValueError(f"{logits.shape[0]} rows of logits for {meta.n} rows of sampling settings")
     bad = nonfinite_rows(logits)
     if bad is not None:
         logits = logits.masked_fill(bad[:, None], 0.0)
+    if allowed is not None:
+        logits = constrain_logits(logits, allowed)
     return _sample(logits, meta), bad
+
+
+def constrain_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits with the bytes not allowed at -inf (a new tensor); rows allowing every byte keep their values."""
+    return logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
 
 
 def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

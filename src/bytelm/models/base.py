@@ -139,17 +139,19 @@ class ByteLM(nn.Module):
     # generation: thin wrappers over bytelm.generation
     def generate(self, prompt: bytes | torch.Tensor, max_new_bytes: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 use_cache: bool = True):
-        """`bytes` prompt -> the new bytes; LongTensor (B, L) -> (B, L + max_new_bytes). temperature=0 is greedy."""
+                 use_cache: bool = True, json_schema=None):
+        """`bytes` prompt -> the new bytes; LongTensor (B, L) -> (B, L + max_new_bytes). temperature=0 is greedy.
+        `json_schema` (a dict, or a `bytelm.generation.JsonSchema`; bytes prompts): the output is one JSON document
+        valid under it, ending as soon as it is complete (max_new_bytes may cut it short)."""
         return generation.generate(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   seed=seed, use_cache=use_cache)
+                                   seed=seed, use_cache=use_cache, json_schema=json_schema)
 
     def stream(self, prompt: bytes, max_new_bytes: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None) -> Iterator[bytes]:
+               top_p: float | None = None, seed: int | None = None, json_schema=None) -> Iterator[bytes]:
         """An iterator yielding each new byte (as a 1-byte `bytes`) as soon as it is sampled; arguments are checked
-        now, before the first byte."""
+        now, before the first byte. `json_schema`: as in `generate`."""
         return generation.stream(self, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 seed=seed)
+                                 seed=seed, json_schema=json_schema)
 
     # persistence
     def save_pretrained(self, path: str | Path, **card) -> Path:

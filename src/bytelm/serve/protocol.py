@@ -10,12 +10,14 @@ ignored.
 Types are strict (pydantic's strict mode): `"max_tokens": "10"`, `"stream": "true"` or a prompt `[true, false]` is a
 400, not a guess; a JSON integer is still a number where a float is asked for. Text that does not encode as UTF-8 (a
 lone surrogate such as "\ud800", which JSON can spell) is a 400 naming its field when it is encoded (`utf8`).
+`response_format` (json_object, json_schema) is honoured exactly: decoding is constrained byte by byte
+(bytelm.generation.constrain), and a schema that cannot be honoured is a 400 naming the problem.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -82,6 +84,35 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`. `strict` or not, the output follows the schema (as vLLM's)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` would shadow BaseModel's
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text"}` (the default), `{"type": "json_object"}` (any JSON object) or `{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict", "description"}}`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_dict(self) -> dict | None:
+        """The JSON schema the output must follow, or None (text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self.json_schema.schema_
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # extra: fields of newer API versions, accepted, unused
 
@@ -99,6 +130,7 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_k")
     @classmethod

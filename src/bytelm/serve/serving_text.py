@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from ..generation import SamplingParams
+from ..errors import GenerationError
+from ..generation import JsonSchema, SamplingParams
 from ..generation.engine import ByteLogprob, Output
 from .protocol import EOT_TEXT, ApiError, ChatCompletionRequest, CompletionRequest, Prompt, error_body
 from .serving import Serving, Submission
@@ -69,14 +70,15 @@ class TextServing(Serving):
         raise NotImplementedError
 
     # --- the shared part ---------------------------------------------------------------------------------------------
-    def params(self, body: TextRequest, prompt: Prompt) -> SamplingParams:
+    def params(self, body: TextRequest, prompt: Prompt, schema: JsonSchema | None) -> SamplingParams:
         max_new = self.max_new(body)
         if max_new is None:
             max_new = max(0, self.engine.max_len - len(prompt.data))
         logprobs = self.top_logprobs(body)
         return SamplingParams(max_new_bytes=max_new, temperature=body.temperature, top_k=body.top_k,
                               top_p=None if body.top_p >= 1 else body.top_p, seed=body.seed, stop=self.stops(body),
-                              logprobs=logprobs, prompt_logprobs=logprobs if self.echo(body) else None)
+                              logprobs=logprobs, prompt_logprobs=logprobs if self.echo(body) else None,
+                              grammar=schema)
 
     def check_stops(self, stops: tuple[bytes, ...]) -> None:
         """The client's stop sequences within the server's bounds (the chat endpoint adds its own turn marker)."""
@@ -92,7 +94,8 @@ class TextServing(Serving):
             raise ApiError(400, f"{field}: not supported by this server", param=field)
         self.check_stops(body.stops())
         prompts = self.prompts(body)
-        subs = self.submit_all([(p.data, self.params(body, p)) for p in prompts], "prompt")
+        schema = grammar(body)  # compiled once; each prompt's request gets its own matcher
+        subs = self.submit_all([(p.data, self.params(body, p, schema)) for p in prompts], "prompt")
         head = {"id": f"{self.id_prefix}-{secrets.token_hex(12)}", "object": self.object, "created": int(time.time()),
                 "model": self.model_name}
         choices = [Choice(self, i, p, self.echo(body), self.top_logprobs(body) is not None)
@@ -236,6 +239,22 @@ async def merged(subs: list[Submission], request: Request) -> AsyncIterator[tupl
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+def grammar(body: TextRequest) -> JsonSchema | None:
+    """The JSON schema `response_format` asks for, compiled now: one it cannot honour is a 400 naming the problem."""
+    if body.response_format is None:
+        return None
+    try:
+        schema = body.response_format.schema_dict()
+        if schema is None:
+            return None
+        g = JsonSchema(schema)
+        g.check()
+        return g
+    except (ValueError, GenerationError) as e:  # GenerationError is a ValueError too: one answer
+        raise ApiError(400, f"response_format: {e}", param="response_format") from e
+
 
 
 def usage(choices: list[Choice]) -> dict:
