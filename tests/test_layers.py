@@ -30,7 +30,7 @@ FORK_EACH = """
 import os, sys, traceback
 import numpy, safetensors.torch, torch, tqdm, tyro, huggingface_hub  # third-party only: no bytelm module yet
 assert not [m for m in sys.modules if m.startswith("bytelm")]
-failed = 0
+failed, running = 0, []
 for name in sys.argv[1:]:
     pid = os.fork()
     if pid == 0:  # a fresh process as far as bytelm is concerned: imports exactly this module, then exits
@@ -40,7 +40,10 @@ for name in sys.argv[1:]:
             print(name, traceback.format_exc().strip().splitlines()[-1], flush=True)
             os._exit(1)
         os._exit(0)
-    failed += os.waitpid(pid, 0)[1] != 0
+    running.append(pid)
+    if len(running) >= (os.cpu_count() or 1):  # one child per core at a time
+        failed += os.waitpid(running.pop(0), 0)[1] != 0
+failed += sum(os.waitpid(pid, 0)[1] != 0 for pid in running)
 sys.exit(1 if failed else 0)
 """
 
