@@ -3,6 +3,18 @@ import torch
 
 from bytelm import ByteTransformer, Megabyte, MegabyteConfig, TransformerConfig
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny
+    models decode fastest on one, and an in-process engine thread and the test's own then do not contend for the
+    cores (subprocess servers get OMP_NUM_THREADS=1 for the same reason)."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 # Every invariant is checked on both models and both position schemes.
 CONFIGS = {
     "megabyte-rope": MegabyteConfig.from_name("tiny"),  # bytelm's default: half a patch of local context, norms

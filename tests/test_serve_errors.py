@@ -26,13 +26,7 @@ from bytelm.models import build  # noqa: E402
 from bytelm.serve import create_app  # noqa: E402
 from bytelm.serve import media as served  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _engine(modality: str, max_seq_len: int) -> Engine:

@@ -44,14 +44,7 @@ def _client(model, name: str, **engine):
                       headers={"Authorization": f"Bearer {KEY}"})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The engine's thread and the test's share this process: one torch thread each keeps them from contending for
-    the cores (the subprocess servers of test_serve.py run with OMP_NUM_THREADS=1 for the same reason)."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
