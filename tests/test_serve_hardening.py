@@ -115,6 +115,11 @@ BAD = [
 ]
 
 
+def test_tokenize_refuses_text_that_is_not_unicode(server):
+    for prompt in ["\ud800", "<|endoftext|>a\udfff"]:
+        assert "prompt: not valid Unicode" in _error(_post(server, "/tokenize", {"prompt": prompt}), 400)["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path, body, field", BAD, ids=[f for _, _, f in BAD])
 def test_each_former_500_and_each_lax_type_is_a_400_naming_the_field(server, path, body, field, stream):

@@ -43,12 +43,12 @@ class Prompt:
         return len(self.data) + self.eot
 
 
-def text_tokens(text: str) -> list[int]:
+def text_tokens(text: str, field: str) -> list[int]:
     """Text as token ids: its UTF-8 bytes, and <|endoftext|> at its very start as 256 (where a token-list prompt
-    may hold it; anywhere else it is just text)."""
+    may hold it; anywhere else it is just text). Text that is not Unicode is a 400 naming `field` (`utf8`)."""
     if text.startswith(EOT_TEXT):
-        return [EOT_ID, *text[len(EOT_TEXT):].encode("utf-8")]
-    return list(text.encode("utf-8"))
+        return [EOT_ID, *utf8(text[len(EOT_TEXT):], field)]
+    return list(utf8(text, field))
 
 
 def as_prompt(x: str | list[int], where: str) -> Prompt:

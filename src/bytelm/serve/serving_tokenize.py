@@ -51,7 +51,7 @@ class ServingTokenize(Serving):
                 data = data[: -len(CHAT_REPLY.encode())]
             tokens = list(data)
         else:
-            tokens = text_tokens(body.prompt)
+            tokens = text_tokens(body.prompt, "prompt")
         if body.add_special_tokens and tokens[:1] != [EOT_ID]:
             tokens = [EOT_ID, *tokens]
         strs = [EOT_TEXT if t == EOT_ID else byte_token(t) for t in tokens] if body.return_token_strs else None
