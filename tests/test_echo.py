@@ -182,6 +182,8 @@ def test_tokenizer_endpoints_are_vllms_with_bytes_as_tokens(served):
     assert r.status_code == 400 and "tokens[1]: token id 300" in r.json()["error"]["message"]
     assert client.post("/tokenize", json={}).status_code == 400
     assert client.get("/tokenizer_info", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None}, {"role": "tool", "content": "42"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     rendered = jinja2.Template(info["chat_template"]).render(messages=messages, add_generation_prompt=True)
     assert rendered.encode() == chat_prompt([ChatMessage(**m) for m in messages])  # the chat endpoint's prompt

@@ -25,9 +25,12 @@ from .serving import Serving
 
 # The byte-level chat template (protocol.chat_prompt) as the Jinja template tokenizer_info carries: clients that
 # render chats themselves (lm-eval's remote tokenizer) get the prompt the chat endpoint builds.
+# Content as ChatMessage.text() reads it: a string, a list of text parts joined, or nothing (null).
+_CONTENT = ("{% if m['content'] is string %}{{ m['content'] }}{% elif m['content'] %}"
+            "{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}")
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    + CHAT_TURN.format(role="{{ 'system' if m['role'] == 'developer' else m['role'] }}", content="{{ m['content'] }}")
+    + CHAT_TURN.format(role="{{ 'system' if m['role'] == 'developer' else m['role'] }}", content=_CONTENT)
     + "{% endfor %}{% if add_generation_prompt %}" + CHAT_REPLY + "{% endif %}"
 )
 
