@@ -26,6 +26,7 @@ MAX_SIZE = 2**31 - 1  # the most any size of a config may be (a width, a depth, 
 # 100,000 layers took 80 s to build even on the meta device, before its weights could be checked against it
 MAX_LAYERS = 1024
 POS_EMB_CHOICES = ("rope", "learned")
+PATCHING_RULES = ("fixed", "space", "entropy")  # bytelm.models.patching
 
 
 @dataclass
@@ -128,7 +129,13 @@ class MegabyteConfig(ModelConfig):
 
     model_type: ClassVar[str] = "megabyte"
 
-    patch_size: int = 8  # P
+    patch_size: int = 8  # P: every patch's length (fixed), or the most bytes a patch may hold (space, entropy)
+    # where patches end (bytelm.models.patching): "fixed" every P bytes (the paper); "space" after a word and the
+    # space after it (SpaceByte); "entropy" where a small byte model's next-byte entropy jumps (BLT)
+    patching: str = "fixed"
+    patch_threshold: float = 0.5  # entropy: the rise in nats over the previous byte's entropy that ends a patch
+    entropy_dim: int = 64  # entropy: the small byte model's width and depth
+    entropy_layers: int = 1
     max_seq_len: int = 8192  # bytes
     global_dim: int = 512  # P * D_G
     global_layers: int = 4
@@ -158,7 +165,11 @@ class MegabyteConfig(ModelConfig):
     added_fields: ClassVar[dict[str, tuple[str, Any]]] = {"local_context": ("0.2.0", 0),
                                                           "local_norms": ("0.2.0", False),
                                                           "context_global": ("0.2.0", False),
-                                                          "modality": ("0.5.0", "bytes")}
+                                                          "modality": ("0.5.0", "bytes"),
+                                                          "patching": ("0.8.0", "fixed"),
+                                                          "patch_threshold": ("0.8.0", 0.5),
+                                                          "entropy_dim": ("0.8.0", 64),
+                                                          "entropy_layers": ("0.8.0", 1)}
     optional_when_loading: ClassVar[tuple[str, ...]] = ("init",)
 
     def __post_init__(self) -> None:
@@ -174,6 +185,12 @@ class MegabyteConfig(ModelConfig):
             "it is P concatenated byte embeddings of size D_G",
         )
         self._check(self.init in INIT_SCHEMES, f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        self._check(self.patching in PATCHING_RULES,
+                    f"patching must be one of {PATCHING_RULES}, got {self.patching!r}")
+        if self.dynamic:
+            self._check(not self.context_global, f"context_global is for fixed patches, not patching={self.patching!r}")
+        if self.patching == "entropy":
+            _check_stack(self, "entropy_", self.entropy_dim, self.entropy_layers, max(1, self.entropy_dim // 32))
         _check_stack(self, "global_", self.global_dim, self.global_layers, self.global_heads)
         _check_stack(self, "local_", self.local_dim, self.local_layers, self.local_heads)
 
@@ -183,8 +200,14 @@ class MegabyteConfig(ModelConfig):
         return self.global_dim // self.patch_size
 
     @property
+    def dynamic(self) -> bool:
+        """Patches that follow the data: their lengths vary (1..P bytes)."""
+        return self.patching != "fixed"
+
+    @property
     def max_patches(self) -> int:
-        return -(-self.max_seq_len // self.patch_size)
+        """The global model's positions: a patch a position, one more for the pad (dynamic: as short as a byte)."""
+        return self.max_seq_len + 1 if self.dynamic else -(-self.max_seq_len // self.patch_size)
 
 
 @dataclass

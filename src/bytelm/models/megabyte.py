@@ -28,6 +28,7 @@ runs the global model once per patch; the local window is refilled from the last
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from ..nn import Dropout, KVCache, Step, TransformerStack, init_weights
 from .base import ByteLM
 from .config import VOCAB_SIZE, MegabyteConfig
 from .loss import byte_loss, chunked_byte_loss
+from .patching import EntropyModel, cut, entropy, entropy_ends, layout, space_ends
 from .registry import ModelSpec, register
 
 
@@ -53,6 +55,12 @@ class MegabyteState:
     recent: torch.Tensor  # (B, max(W, 1)) the last bytes before the current position (-1: before the sequence)
     ctx: torch.Tensor  # (B, C, D_L) global contributions to window positions L-C.. (C = P, or L with context_global)
     global_steps: int = 0  # batched global-model steps run (a serving metric)
+    # dynamic patching only (the patch structure follows the bytes, so the state keeps it): per slot, the current
+    # patch's bytes so far and the patches completed before it; `recent` holds the bytes before the patch's start
+    plen: list[int] | None = None
+    npatch: list[int] | None = None
+    entropy_kv: list[KVCache] | None = None  # the entropy rule's small model's caches
+    prev_h: torch.Tensor | None = None  # (B,) its entropy after each row's last byte
 
 
 class Megabyte(ByteLM):
@@ -84,6 +92,9 @@ class Megabyte(ByteLM):
         self.local_model = TransformerStack(D_L, c.local_layers, c.local_heads, c.mlp_ratio, c.bias, c.dropout,
                                             self.window, rope, c.rope_base)
         self.lm_head = nn.Linear(D_L, VOCAB_SIZE, bias=False)
+        if c.patching == "entropy":
+            self.entropy_model = EntropyModel(c.entropy_dim, c.entropy_layers, max(1, c.entropy_dim // 32),
+                                              c.max_seq_len, c.bias, c.rope_base)
         self.drop = Dropout(c.dropout)
         init_weights(self, max(c.global_layers, c.local_layers), c.init)
 
@@ -147,6 +158,8 @@ class Megabyte(ByteLM):
         if not torch.compiler.is_compiling():
             self.check_input(x)
         x = x.long()
+        if self.config.dynamic:
+            return self._dynamic_forward(x, loss)
         B, T = x.shape
         P, G = self.config.patch_size, self.config.global_dim
         K = -(-T // P)
@@ -185,21 +198,29 @@ class Megabyte(ByteLM):
     # positions (0..first: the bytes before the patch, first + 1 + i: the patch's byte i).
     @property
     def prefill_align(self) -> int:
-        return self.config.patch_size  # a chunk resumes at a patch border: the global model's inputs are patches
+        # a fixed-patch chunk resumes at a patch border (the global model's inputs are patches); a dynamic one anywhere
+        return 1 if self.config.dynamic else self.config.patch_size
 
     @property
     def decode_period(self) -> int:
-        return self.config.patch_size  # the global model runs once a patch
+        return 1 if self.config.dynamic else self.config.patch_size  # the global model runs once a patch
 
     def new_state(self, batch: int, max_len: int) -> MegabyteState:
         c, dev, dt = self.config, self.device, self.dtype
         self.check_state_memory(batch, max_len)
+        # dynamic: a patch may be one byte, so up to max_len patches (global position 0 is the pad)
+        patches = max_len + 1 if c.dynamic else -(-max_len // c.patch_size)
         return MegabyteState(
-            global_kv=self.global_model.new_caches(batch, -(-max_len // c.patch_size), dev, dt),
+            global_kv=self.global_model.new_caches(batch, patches, dev, dt),
             local_kv=self.local_model.new_caches(batch, self.window, dev, dt),
-            patch=torch.zeros(batch, c.patch_size, dtype=torch.long, device=dev),
+            patch=torch.full((batch, c.patch_size), -1 if c.dynamic else 0, dtype=torch.long, device=dev),
             recent=torch.full((batch, max(c.local_context, 1)), -1, dtype=torch.long, device=dev),
             ctx=torch.zeros(batch, self.window - self.ctx_from, c.local_dim, device=dev, dtype=dt),
+            plen=[0] * batch if c.dynamic else None,
+            npatch=[0] * batch if c.dynamic else None,
+            entropy_kv=(self.entropy_model.stack.new_caches(batch, max_len, dev, dt)
+                        if c.patching == "entropy" else None),
+            prev_h=torch.full((batch,), math.inf, device=dev) if c.patching == "entropy" else None,
         )
 
     def _window_in(self, idx: torch.Tensor, ctx: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -241,6 +262,8 @@ class Megabyte(ByteLM):
         P, dev = self.config.patch_size, x.device
         Wp = s.recent.shape[1]
         lens = list(step.lens or (T,) * n)
+        if self.config.dynamic:
+            return self._dynamic_prefill(x, s, step)
         if any(a % P for a in step.at):
             raise ValueError(f"MEGABYTE prefills from patch borders: positions {list(step.at)}, patch size {P}")
         fresh = torch.tensor([a == 0 for a in step.at], device=dev)  # (n,) rows that start over
@@ -282,6 +305,8 @@ class Megabyte(ByteLM):
         """Feed byte (n,) at byte position `step.at` of each row; logits (n, 256) for the byte after it. Rows whose
         patch this byte completes run one batched global step and restart their local window; all others run one
         batched local step at their own window positions."""
+        if self.config.dynamic:
+            return self._dynamic_decode(byte, s, step)
         P, n = self.config.patch_size, byte.shape[0]
         s.patch[step.rows, step.pos % P] = byte
         if self.config.local_context > 0:
@@ -305,6 +330,183 @@ class Megabyte(ByteLM):
             logits[done] = out
         g = step.select(going)
         w = [self.first + 1 + t % P for t in g.at]  # the byte's window position
+        out = self._local_logits_at(byte[going].view(-1, 1) if done else byte.view(-1, 1), s.ctx[g.rows], s,
+                                    g.moved(w, max(w) + 1))
+        if logits is None:
+            return out
+        logits[going] = out
+        return logits
+
+    # --- dynamic patches (bytelm.models.patching): 1..P bytes each, ending where the rule says ---------------------
+    # Patch k is laid out in P slots (its bytes, then -1: empty, embedded as zeros), so the patch embedder, the global
+    # model's width G = P * D_G and its P slices for the local model are MEGABYTE's. Patch k's window holds the W bytes
+    # before its first byte, then its first P - 1; only its own bytes' outputs are read.
+    def _slot_embed(self, slots: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Patches of P slots (n, m*P) of bytes (-1: empty) at byte positions `where` (n, m*P) -> (n, m, G)."""
+        n, m = slots.shape[0], slots.shape[1] // self.config.patch_size
+        h = self.global_embed(slots.clamp(min=0))  # (n, m*P, D_G)
+        if self.global_pos is not None:
+            h = h + self.global_pos(where.clamp(0, self.config.max_seq_len - 1))
+        return h.masked_fill((slots < 0)[..., None], 0).reshape(n, m, self.config.global_dim)
+
+    def _natural_ends(self, x: torch.Tensor, prev_byte: torch.Tensor, prev_h: torch.Tensor,
+                      caches: list[KVCache] | None = None, step: Step | None = None):
+        """The rule's own ends over bytes x (n, T) after `prev_byte` / entropy `prev_h` (n,) -> (ends (n, T), the
+        entropy model's logits or None, its entropies or None)."""
+        if self.config.patching == "space":
+            return space_ends(x, prev_byte), None, None
+        logits = self.entropy_model(x, caches, step)  # (n, T, 256)
+        h = entropy(logits)
+        return entropy_ends(h, prev_h, self.config.patch_threshold), logits, h
+
+    def _dynamic_forward(self, x: torch.Tensor, loss: str | None) -> torch.Tensor:
+        c = self.config
+        B, T = x.shape
+        P, G, Wp = c.patch_size, c.global_dim, max(c.local_context, 1)
+        natural, e_logits, _ = self._natural_ends(x, x.new_full((B,), -1), torch.full((B,), math.inf,
+                                                                                     device=x.device))
+        pid, off, start = layout(cut(natural, P))  # (B, T) each byte's patch, its offset there, the patch's first
+        K = T if x.is_meta else int(pid[:, -1].max()) + 1  # patches of the longest row (meta: the most there can be)
+        slot = pid * P + off  # (B, T) each byte's slot
+        t = torch.arange(T, device=x.device).expand(B, T)
+        slots = x.new_full((B, K * P), -1).scatter(1, slot, x)  # (B, K*P)
+        where = x.new_zeros((B, K * P)).scatter(1, slot, t)
+        g_in = torch.cat((self.global_pad.expand(B, 1, G), self._slot_embed(slots[:, : (K - 1) * P],
+                                                                             where[:, : (K - 1) * P])), dim=1)
+        g_out = self.global_model(self.drop(g_in))  # (B, K, G): output k has seen patches < k
+        first = x.new_full((B, K), T).scatter(1, pid, start)  # (B, K) each patch's first byte (T: none)
+        idx = first[..., None] - Wp + torch.arange(self.window, device=x.device)  # (B, K, L)
+        inside = (idx >= 0) & (idx < T)
+        win = torch.where(inside, x.gather(1, idx.clamp(0, T - 1).flatten(1)).view(B, K, -1), -1)
+        if c.local_context == 0:
+            win[..., 0] = -1  # the paper: a pad, not the previous patch's last byte
+        h = self._local_in(win.flatten(0, 1), self._to_local(g_out).flatten(0, 1), 0)  # (B*K, L, D_L)
+        l_out = self.local_model(self.drop(h))[:, self.first :].reshape(B, K * P, -1)  # (B, K*P, D_L)
+        logits = self.lm_head(l_out.gather(1, slot[..., None].expand(-1, -1, l_out.shape[-1])))  # (B, T, 256)
+        if loss is None:
+            return logits
+        out = byte_loss(logits, x, loss)
+        if e_logits is not None and torch.is_grad_enabled() and T > 1:
+            # the entropy model learns on its own loss; adding (l - l.detach()) gives its gradient and changes no value
+            el = self.entropy_model.loss(e_logits, x)  # (B, T - 1)
+            el = {"mean": el.mean, "sum": el.sum}.get(loss, lambda: F.pad(el, (1, 0)))()
+            out = out + (el - el.detach())
+        return out
+
+    def _dynamic_prefill(self, x: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
+        """As `prefill`, from any position: a row resuming mid-patch carries the patch's bytes so far (`s.patch`)."""
+        c = self.config
+        n, T = x.shape
+        P, Wp, dev = c.patch_size, s.recent.shape[1], x.device
+        lens = list(step.lens or (T,) * n)
+        fresh = [a == 0 for a in step.at]
+        had = [0 if f else s.plen[r] for f, r in zip(fresh, step.slots, strict=True)]  # bytes of the current patch
+        fr = torch.tensor(fresh, device=dev)
+        before = torch.where(fr[:, None], -1, s.recent[step.rows])  # (n, Wp) the bytes before the current patch
+        buf = torch.where(fr[:, None], -1, s.patch[step.rows])  # (n, P) its bytes so far, -1 after them
+        had_t = torch.tensor(had, device=dev)
+        prev_byte = torch.cat((before, buf), 1).gather(1, Wp - 1 + had_t[:, None])[:, 0]  # the byte before x_0
+        if c.patching == "entropy":
+            prev_h = torch.where(fr, math.inf, s.prev_h[step.rows])
+            natural, _, h = self._natural_ends(x, prev_byte, prev_h, s.entropy_kv, step)
+            last = torch.tensor([max(m - 1, 0) for m in lens], device=dev)
+            s.prev_h[step.rows] = torch.where(torch.tensor([m > 0 for m in lens], device=dev),
+                                              h.gather(1, last[:, None])[:, 0], prev_h)
+        else:
+            natural, _, _ = self._natural_ends(x, prev_byte, None)
+        # y: each row's current patch so far, then the chunk: y[j, i] is byte position at[j] - had[j] + i
+        R = max(max(h + m for h, m in zip(had, lens, strict=True)), 1)
+        i = torch.arange(R, device=dev)
+        held = i < had_t[:, None]  # (n, R) bytes that come from the current patch so far
+        gi = (i - had_t[:, None]).clamp(0, T - 1)  # (n, R) where the others are in x
+        y = torch.where(held, buf.gather(1, i.clamp(max=P - 1).expand(n, R)), x.gather(1, gi))
+        total = torch.tensor([h + m for h, m in zip(had, lens, strict=True)], device=dev)
+        real = i < total[:, None]  # (n, R)
+        ends = cut(~held & natural.gather(1, gi), P) & real
+        pid, off, _ = layout(ends)
+        done = ends.sum(1)  # (n,) patches the chunk completes
+        done_l = done.tolist()
+        cur = torch.where(ends, torch.arange(1, R + 1, device=dev), 0).max(1).values  # (n,) current patch's start
+        r = total - cur  # (n,) its bytes so far, 0..P-1
+        # global model: the completed patches (a fresh row's inputs start with the pad at position 0)
+        counts = [d + f for d, f in zip(done_l, fresh, strict=True)]
+        prior = torch.where(fr[:, None, None], 0, s.ctx[step.rows])
+        if max(counts) > 0:
+            M = max(done_l)
+            slot = torch.where(real & (pid < M), pid * P + off, M * P)  # the rest goes to a dropped slot
+            slots = y.new_full((n, M * P + 1), -1).scatter(1, slot, y)[:, : M * P]
+            pos = torch.tensor(step.at, device=dev)[:, None] - had_t[:, None] + torch.arange(R, device=dev)
+            where = y.new_zeros((n, M * P + 1)).scatter(1, slot, pos)[:, : M * P]
+            e = self._slot_embed(slots, where)  # (n, M, G)
+            pad = self.global_pad.expand(n, 1, -1).to(e.dtype)
+            g_in = torch.where(fr[:, None, None], torch.cat((pad, e), 1), torch.cat((e, pad), 1))
+            g_at = [0 if f else s.npatch[q] + 1 for f, q in zip(fresh, step.slots, strict=True)]
+            g_step = step.moved(g_at, max(a + k for a, k in zip(g_at, counts, strict=True)), counts)
+            g_out = self.global_model(self.drop(g_in), s.global_kv, g_step)  # (n, M + 1, G)
+            s.global_steps += 1
+            ctx = self._new_ctx(g_out, prior, counts)
+        else:
+            ctx = prior
+        s.ctx[step.rows] = ctx
+        # local model: the current patch's window, from the bytes before it and its bytes so far
+        hist = torch.cat((before, y), 1)  # (n, Wp + R): y[i] at Wp + i
+        r_l = r.tolist()
+        Rr = max(r_l)
+        idx = hist.gather(1, (cur[:, None] + torch.arange(Wp + Rr, device=dev)).clamp(max=Wp + R - 1))
+        if c.local_context == 0:
+            idx[:, 0] = -1
+        s.recent[step.rows] = hist.gather(1, cur[:, None] + torch.arange(Wp, device=dev))
+        ar = torch.arange(P, device=dev)
+        s.patch[step.rows] = torch.where(ar < r[:, None], hist.gather(1, (Wp + cur[:, None] + ar).clamp(
+            max=Wp + R - 1)), -1)
+        for q, f, d, rj in zip(step.slots, fresh, done_l, r_l, strict=True):
+            s.plen[q], s.npatch[q] = rj, (0 if f else s.npatch[q]) + d
+        l_step = step.moved([0] * n, Wp + Rr, [Wp + rj for rj in r_l])
+        return self._local_logits_at(idx, ctx, s, l_step)
+
+    def _dynamic_decode(self, byte: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
+        """As `decode_step`: rows whose patch the rule ends at this byte run one batched global step."""
+        c = self.config
+        P, n, Wp, dev = c.patch_size, byte.shape[0], s.recent.shape[1], byte.device
+        had = [s.plen[q] for q in step.slots]
+        had_t = torch.tensor(had, device=dev)
+        if c.patching == "space":
+            prev = torch.where(had_t > 0, s.patch[step.rows, (had_t - 1).clamp(min=0)], s.recent[step.rows, -1])
+            natural, _, _ = self._natural_ends(byte[:, None], prev, None)
+        else:
+            natural, _, h = self._natural_ends(byte[:, None], None, s.prev_h[step.rows], s.entropy_kv, step)
+            s.prev_h[step.rows] = h[:, 0]
+        s.patch[step.rows, had_t] = byte
+        now = [h + 1 for h in had]
+        ends = natural[:, 0].tolist()
+        done = [j for j in range(n) if ends[j] or now[j] == P]
+        going = [j for j in range(n) if not (ends[j] or now[j] == P)]
+        for q, m in zip(step.slots, now, strict=True):
+            s.plen[q] = m
+        logits = None
+        if done:  # the patch is complete: one global step for it, then the next patch's window starts over
+            d = step.select(done)
+            m = torch.tensor([now[j] for j in done], device=dev)
+            where = d.pos[:, None] - m[:, None] + 1 + torch.arange(P, device=dev)  # (nd, P) its bytes' positions
+            k = [s.npatch[q] + 1 for q in d.slots]  # its global position
+            patch = s.patch[d.rows]
+            g_out = self.global_model(self._slot_embed(patch, where), s.global_kv, d.moved(k, max(k) + 1))
+            s.global_steps += 1
+            ctx = self._new_ctx(g_out, s.ctx[d.rows], [1] * d.n)
+            s.ctx[d.rows] = ctx
+            before = torch.cat((s.recent[d.rows], patch), 1).gather(1, m[:, None] + torch.arange(Wp, device=dev))
+            s.recent[d.rows] = before
+            s.patch[d.rows] = -1
+            for q in d.slots:
+                s.plen[q], s.npatch[q] = 0, s.npatch[q] + 1
+            start = before if c.local_context > 0 else before.new_full((d.n, 1), -1)
+            out = self._local_logits_at(start, ctx, s, d.moved([0] * d.n, self.first + 1))
+            if not going:
+                return out
+            logits = out.new_empty(n, out.shape[1])
+            logits[done] = out
+        g = step.select(going)
+        w = [self.first + now[j] for j in going]  # the byte's window position
         out = self._local_logits_at(byte[going].view(-1, 1) if done else byte.view(-1, 1), s.ctx[g.rows], s,
                                     g.moved(w, max(w) + 1))
         if logits is None:
