@@ -28,6 +28,12 @@ CONFIGS = {
     "megabyte-ctxglobal": MegabyteConfig.from_name("tiny", context_global=True),
     "megabyte-ctxglobal1": MegabyteConfig.from_name("tiny", local_context=1, context_global=True),
     "megabyte-ctxglobal6": MegabyteConfig.from_name("tiny", local_context=6, context_global=True, bias=True),
+    # dynamic patches (bytelm.models.patching): SpaceByte's rule, on random bytes half of them spacelike; BLT's
+    # entropy rule, which ends about every third patch of random bytes (see make())
+    "megabyte-space": MegabyteConfig.from_name("tiny", patching="space"),
+    "megabyte-space-paper": MegabyteConfig.from_name("tiny", patching="space", local_context=0, local_norms=False,
+                                                     pos_emb="learned", bias=True),
+    "megabyte-entropy": MegabyteConfig.from_name("tiny", patching="entropy", patch_threshold=0.05),
     "transformer-rope": TransformerConfig.from_name("tiny"),
     "transformer-learned": TransformerConfig.from_name("tiny", pos_emb="learned", bias=True),
 }
@@ -36,6 +42,11 @@ CONFIGS = {
 def make(cfg):
     torch.manual_seed(0)
     model = Megabyte(cfg) if isinstance(cfg, MegabyteConfig) else ByteTransformer(cfg)
+    if getattr(cfg, "patching", None) == "entropy":
+        # an untrained entropy model's entropies are all within ~1e-6 of ln 256 - 0.16, so whether they rise past
+        # a threshold is float rounding; sharper logits spread them over 0..5 nats, as a trained one's are
+        with torch.no_grad():
+            model.entropy_model.head.weight.mul_(30)
     return model.eval()
 
 

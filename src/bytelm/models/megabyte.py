@@ -29,7 +29,7 @@ runs the global model once per patch; the local window is refilled from the last
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -359,6 +359,17 @@ class Megabyte(ByteLM):
         h = entropy(logits)
         return entropy_ends(h, prev_h, self.config.patch_threshold), logits, h
 
+    @torch.no_grad()
+    def patch_ends(self, x: torch.Tensor) -> torch.Tensor:
+        """Where this model's patches of bytes x (B, T) end: (B, T) bool, True at a patch's last byte."""
+        x = x.long()
+        B, T = x.shape
+        P = self.config.patch_size
+        if not self.config.dynamic:
+            return (torch.arange(T, device=x.device) % P == P - 1).expand(B, T)
+        natural, _, _ = self._natural_ends(x, x.new_full((B,), -1), torch.full((B,), math.inf, device=x.device))
+        return cut(natural, P)
+
     def _dynamic_forward(self, x: torch.Tensor, loss: str | None) -> torch.Tensor:
         c = self.config
         B, T = x.shape
@@ -389,13 +400,15 @@ class Megabyte(ByteLM):
         if e_logits is not None and torch.is_grad_enabled() and T > 1:
             # the entropy model learns on its own loss; adding (l - l.detach()) gives its gradient and changes no value
             el = self.entropy_model.loss(e_logits, x)  # (B, T - 1)
-            el = {"mean": el.mean, "sum": el.sum}.get(loss, lambda: F.pad(el, (1, 0)))()
+            el = {"mean": el.mean, "sum": el.sum}.get(loss, lambda: F.pad(el, (1, 0)).view(out.shape))()
             out = out + (el - el.detach())
         return out
 
     def _dynamic_prefill(self, x: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
         """As `prefill`, from any position: a row resuming mid-patch carries the patch's bytes so far (`s.patch`)."""
         c = self.config
+        if x.shape[1] == 0:  # empty prompts: one byte of padding, so that every row has a place
+            x, step = x.new_zeros(x.shape[0], 1), replace(step, lens=(0,) * x.shape[0])
         n, T = x.shape
         P, Wp, dev = c.patch_size, s.recent.shape[1], x.device
         lens = list(step.lens or (T,) * n)
