@@ -21,7 +21,6 @@ its last 5% held out: most of Revelation's neighbours)."""
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import subprocess
@@ -138,7 +137,8 @@ def markdown(p: dict) -> str:
              f"({p['corpus_name']}; {p['eval_bytes']:,} held-out bytes)", "",
              f"Mean over {len(p['seeds'])} model-init seeds ({', '.join(map(str, p['seeds']))}); spread = max - min. "
              f"{p['precision']}, batch {p['batch']} x {p['seq_len']:,} bytes, the same batches for all.", "",
-             "| patching | params | steps (mean) | mean patch (bytes) | val bpb (mean) | vs fixed P=8 | spread | per seed |",
+             "| patching | params | steps (mean) | mean patch (bytes) | val bpb (mean) | vs fixed P=8 | spread "
+             "| per seed |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in p["results"].items():
         per = ", ".join(f"{b:.3f}" for b in r["val_bpb_per_seed"])
@@ -155,7 +155,8 @@ def gen_speed(model: Megabyte, prompt: bytes, n: int, repeats: int = 2) -> dict:
     for r in range(repeats):
         eng = Engine(model, max_streams=1, max_len=len(prompt) + n)
         out = bytearray()
-        eng.submit(prompt, SamplingParams(max_new_bytes=n, temperature=1.0, seed=r), lambda o: out.extend(o.data))
+        eng.submit(prompt, SamplingParams(max_new_bytes=n, temperature=1.0, seed=r),
+                   lambda o, out=out: out.extend(o.data))
         t0 = time.perf_counter()
         while eng.active or eng.queued:
             eng.step()

@@ -127,12 +127,7 @@ def test_train_cli_trains_resumes_and_saves_a_dynamic_run(rule, corpus, tmp_path
     assert any(k.startswith("entropy_model.") for k in now) == (rule == "entropy")
 
 
-@pytest.mark.parametrize("checkpointing", [
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: Trainer._micro_step scores byte_loss(self.forward(x), x) from the logits, so the entropy model's own "
-        "loss, which Megabyte._dynamic_forward adds only when called with loss=, never reaches it: its weights "
-        "never change (trainer.py, the non-activation-checkpointing branch)"))),
-    True])
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_entropy_model_learns_alongside_in_training(corpus, tmp_path, checkpointing):
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--model", "patching=entropy", "patch_threshold=0.05",

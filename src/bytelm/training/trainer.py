@@ -34,7 +34,7 @@ from ..data.media import AudioFormat
 from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
 from ..io import atomic_write_bytes, atomic_write_text, checkpoint_steps, latest_checkpoint
-from ..models import ByteLM, build, byte_loss, get_spec, load_model, save_model
+from ..models import ByteLM, build, get_spec, load_model, save_model
 from ..models.loss import LOSS_CHUNK_BYTES
 from ..nn import Block
 from . import metrics
@@ -361,10 +361,9 @@ class Trainer:
         compiles (forward and backward); if that fails, one warning line and the run goes on uncompiled."""
         try:
             with no_sync(self.forward, sync), self.autocast:
-                if self.cfg.activation_checkpointing:  # the model's chunked loss: never the whole logits at once
-                    loss = self.forward(x, loss="mean") / self.cfg.grad_accum
-                else:
-                    loss = byte_loss(self.forward(x), x) / self.cfg.grad_accum
+                # the model's own loss: chunked with activation checkpointing (never the whole logits at once), and
+                # with the gradient of any part that learns on a loss of its own (dynamic patching's entropy model)
+                loss = self.forward(x, loss="mean") / self.cfg.grad_accum
             loss.backward()
         except Exception as e:
             if not self.compile_pending:
