@@ -180,17 +180,10 @@ def traffic(model: Megabyte, text: bytes, clients: int = 16, per_client: int = 3
     def client(plan):
         for prompt, n, gap in plan:
             time.sleep(gap)
-            done = threading.Event()
-            got = bytearray()
-
-            def on(o, got=got, done=done):
-                got.extend(o.data)
-                if o.finish_reason is not None:
-                    done.set()
-            eng.submit(prompt, SamplingParams(max_new_bytes=n, temperature=1.0, seed=n), on)
-            done.wait(600)
+            out = eng.generate(prompt, SamplingParams(max_new_bytes=n, temperature=1.0, seed=n))
             with lock:
-                total[0] += len(got)
+                total[0] += len(out.data)
+
     threads = [threading.Thread(target=client, args=(p,)) for p in plans]
     t0 = time.perf_counter()
     for t in threads:
@@ -198,7 +191,7 @@ def traffic(model: Megabyte, text: bytes, clients: int = 16, per_client: int = 3
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    eng.close()
+    eng.stop()
     return {"bytes_per_s": total[0] / wall, "bytes": total[0], "seconds": wall}
 
 
