@@ -15,15 +15,37 @@ from bytelm.models import Megabyte, byte_loss
 needs_peer = pytest.mark.skipif(not peer.available(), reason="megabyte-pytorch not installed (pip install '.[bench]')")
 
 
+# the benchmarks CI runs on every change; long_training and swarm (about 100 s of the 110 s all seven take) run with
+# the whole suite under -m slow
+QUICK = ["generation", "training", "long_context", "quality", "serving"]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    results = bench_run.main(["--suite", "smoke", "--out", str(out), "--threads", "1", "--only", *QUICK])
+    return out, results
+
+
+@pytest.fixture(scope="module")
+def smoke_all(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-all")
     results = bench_run.main(["--suite", "smoke", "--out", str(out), "--threads", "1"])
     return out, results
 
 
-def test_every_benchmark_writes_json_markdown_and_summary(smoke):
+def test_the_quick_benchmarks_write_json_and_markdown(smoke):
     out, results = smoke
+    assert set(results) == set(QUICK)
+    for name in QUICK:
+        payload = json.loads((out / f"{name}.json").read_text())
+        assert payload["machine"]["torch"] == torch.__version__
+        assert (out / f"{name}.md").read_text().startswith("# ")
+
+
+@pytest.mark.slow
+def test_every_benchmark_writes_json_markdown_and_summary(smoke_all):
+    out, results = smoke_all
     assert set(results) == set(bench_run.BENCHMARKS)
     for name in bench_run.BENCHMARKS:
         payload = json.loads((out / f"{name}.json").read_text())
@@ -49,8 +71,9 @@ def test_long_context_records_every_length(smoke):
         assert all(r["status"] == "ok" and r["seconds"] > 0 for r in m["runs"].values())
 
 
-def test_long_training_records_every_length_with_its_estimate(smoke):
-    _, results = smoke
+@pytest.mark.slow
+def test_long_training_records_every_length_with_its_estimate(smoke_all):
+    _, results = smoke_all
     lt = results["long_training"]
     assert {m["checkpointing"] for m in lt["models"].values()} == {True, False}
     for m in lt["models"].values():
@@ -180,3 +203,22 @@ def test_media_benchmark_trains_scores_and_samples_both_models(tmp_path):
     assert (out / "media.md").read_text().startswith("# ")
     for f in ("media-images.png", "media-completions.png", "media-audio.png", "media-megabyte-continuation.wav"):
         assert (out / f).stat().st_size > 0
+
+
+def test_patching_benchmark_trains_every_rule_and_measures_their_speed(tmp_path):
+    import pydoc_data.topics  # the standard library's documentation topics: ~0.5 MB of prose every machine has
+
+    from benchmarks import patching
+
+    out, models = tmp_path / "out", tmp_path / "models"
+    p = patching.main(["--suite", "smoke", "--corpus", pydoc_data.topics.__file__, "--seconds", "0.5",
+                       "--seeds", "0", "1", "--save", str(models), "--out", str(out)])
+    assert set(p["results"]) == set(patching.VARIANTS)
+    for name, r in p["results"].items():
+        assert len(r["val_bpb_per_seed"]) == 2 and 0 < r["val_bpb"] < 10
+        assert 1 <= r["mean_patch"] <= 8 and (r["mean_patch"] == 8) == (name == "fixed P=8")
+    speed = patching.main(["--suite", "smoke", "--corpus", p["corpus"], "--speed", str(models), "--out", str(out),
+                            "--requests-per-client", "1"])
+    for r in speed["results"].values():
+        assert r["gen"]["bytes_per_s"] > 0 and r["traffic"]["bytes"] > 0
+        assert 0 < r["gen"]["global_steps_per_byte"] <= 1
