@@ -21,6 +21,12 @@ for predicting x_{t+1} that it gets in its own patch's window (global output of 
 before they are added, so neither swamps the other whatever their scales (bytelm's default; see the README's
 "Differences from the paper" for the measurements behind both).
 
+Dynamic patching (`patching` = space | entropy; bytelm.models.patching): patch k is bytes s_k .. s_{k+1} - 1, 1..P of
+them, ending where a causal rule says; its bytes fill P slots of the patch vector (empty slots: zero vectors), its
+window is x_{s_k-W} .. x_{s_k+P-2}, and only its own bytes' outputs are read: (B, K, G) and (B*K, L, D_L) as above,
+K = the most patches in a row. The state then keeps each row's patch so far, and a decode step runs the global model
+for the rows whose patch the rule just ended.
+
 Causality: the global model sees patches < k when predicting patch k, and window position i (byte x_{kP-W+i})
 predicts x_{kP-W+i+1}: logits[:, t] depends on x[:, :t] only, and byte 0 is predicted from the pads alone. Decoding
 runs the global model once per patch; the local window is refilled from the last W bytes at each patch boundary.
@@ -47,7 +53,9 @@ from .registry import ModelSpec, register
 class MegabyteState:
     """Decoding state of B rows: both models' KV caches and each row's current patch. The global cache holds one entry
     per patch, the local cache the current patch's window only (rewritten from position 0 at every new patch). Where
-    each row is comes with every call (`Step.at`, the byte positions its scheduler counts): the state keeps none."""
+    each row is comes with every call (`Step.at`, the byte positions its scheduler counts); with fixed patches that says
+    where its patch is too, and the state keeps no position. Dynamic patches follow the bytes, so there the state keeps
+    each row's patch length so far and its count of patches."""
 
     global_kv: list[KVCache]
     local_kv: list[KVCache]
@@ -428,12 +436,12 @@ class Megabyte(ByteLM):
         else:
             natural, _, _ = self._natural_ends(x, prev_byte, None)
         # y: each row's current patch so far, then the chunk: y[j, i] is byte position at[j] - had[j] + i
-        R = max(max(h + m for h, m in zip(had, lens, strict=True)), 1)
+        R = max(max(k + m for k, m in zip(had, lens, strict=True)), 1)
         i = torch.arange(R, device=dev)
         held = i < had_t[:, None]  # (n, R) bytes that come from the current patch so far
         gi = (i - had_t[:, None]).clamp(0, T - 1)  # (n, R) where the others are in x
         y = torch.where(held, buf.gather(1, i.clamp(max=P - 1).expand(n, R)), x.gather(1, gi))
-        total = torch.tensor([h + m for h, m in zip(had, lens, strict=True)], device=dev)
+        total = torch.tensor([k + m for k, m in zip(had, lens, strict=True)], device=dev)
         real = i < total[:, None]  # (n, R)
         ends = cut(~held & natural.gather(1, gi), P) & real
         pid, off, _ = layout(ends)
