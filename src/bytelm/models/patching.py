@@ -58,15 +58,14 @@ def entropy_ends(h: torch.Tensor, prev: torch.Tensor, threshold: float) -> torch
     return (h - torch.cat((prev[:, None], h[:, :-1]), dim=1)) > threshold
 
 
-def cut(natural: torch.Tensor, P: int, already: torch.Tensor | None = None) -> torch.Tensor:
-    """The rule's ends `natural` (n, T) plus an end wherever a patch reaches P bytes; `already` (n,): bytes each row's
-    current patch holds before x_0. Between two natural ends the forced ones fall every P bytes from the first, so
-    this is one pass of cumulative maxima, not a loop over bytes."""
+def cut(natural: torch.Tensor, P: int) -> torch.Tensor:
+    """The rule's ends `natural` (n, T), x_0 starting a patch, plus an end wherever a patch reaches P bytes. Between
+    two natural ends the forced ones fall every P bytes from the first, so this is one pass of cumulative maxima, not
+    a loop over bytes."""
     n, T = natural.shape
     t = torch.arange(T, device=natural.device)
-    base = -already[:, None] if already is not None else torch.zeros(n, 1, dtype=torch.long, device=natural.device)
-    # where the segment holding t starts: just after the last natural end before t (or the patch's first byte)
-    after_end = torch.where(F.pad(natural[:, :-1], (1, 0), value=False), t, base.expand(n, T))
+    # where the segment holding t starts: just after the last natural end before t (or at x_0)
+    after_end = torch.where(F.pad(natural[:, :-1], (1, 0), value=False), t, 0)
     seg_start = after_end.cummax(dim=1).values  # (n, T)
     return natural | ((t - seg_start + 1) % P == 0)
 
