@@ -37,7 +37,7 @@ from bytelm.generation.engine import Engine, SamplingParams
 from bytelm.models import get_spec
 
 from . import suites
-from .common import RESULTS, fmt_params, machine, optimizer_step, write
+from .common import RESULTS, fmt_params, machine, write
 from .quality import SLICE_SECONDS, Contender, bytelm_default_bf16, corpus_paths, recipe
 
 OUT = RESULTS / "patching"
@@ -85,20 +85,9 @@ def paths_for(corpus: str):
 class Trainee(Contender):
     """A contender trained through the model's own loss (the entropy rule's small model learns on it too)."""
 
-    def train_for(self, seconds: float) -> None:
-        self.model.train()
-        end = self.elapsed + seconds
-        while self.elapsed < min(end, self.suite.quality_seconds):
-            x = self.sampler.next_batch()
-            t0 = time.perf_counter()
-            for g in self.opt.param_groups:
-                g["lr"] = self.lr() * g["lr_scale"]
-            with self.cast():
-                loss = self.model(x, loss="mean")
-            optimizer_step(self.model, self.opt, loss)
-            self.elapsed += time.perf_counter() - t0
-            self.steps += 1
-            self.losses.append(loss.item())
+    def step_loss(self, x: torch.Tensor) -> torch.Tensor:
+        with self.cast():
+            return self.model(x, loss="mean")
 
 
 def mean_patch_len(model: Megabyte, windows: list[torch.Tensor]) -> float:

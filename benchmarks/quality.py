@@ -101,6 +101,12 @@ class Contender:
     def cast(self):
         return autocast_for("bf16" if self.bf16 else "fp32", torch.device("cpu"))
 
+    def step_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The training loss of batch x: cross-entropy of the model's logits (autocast as this contender's)."""
+        with self.cast():
+            logits = self.logits_fn(self.model, x)
+        return byte_loss(logits, x)
+
     def train_for(self, seconds: float) -> None:
         self.model.train()
         end = self.elapsed + seconds
@@ -109,9 +115,7 @@ class Contender:
             t0 = time.perf_counter()
             for g in self.opt.param_groups:
                 g["lr"] = self.lr() * g["lr_scale"]
-            with self.cast():
-                logits = self.logits_fn(self.model, x)
-            loss = byte_loss(logits, x)
+            loss = self.step_loss(x)
             optimizer_step(self.model, self.opt, loss)
             self.elapsed += time.perf_counter() - t0
             self.steps += 1

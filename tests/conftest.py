@@ -62,6 +62,18 @@ def decode_and_check(model, state, x: torch.Tensor, full: torch.Tensor, pos: lis
         torch.testing.assert_close(out[i], full[r, pos[r]], atol=1e-4, rtol=1e-4)
 
 
+def engine_outputs(model, prompts: list[bytes], params, max_streams: int) -> list[bytes]:
+    """Every prompt's output, submitted together to one engine of `max_streams` rows and stepped until all finish."""
+    from bytelm.generation.engine import Engine
+
+    engine, got = Engine(model, max_streams=max_streams), [bytearray() for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.submit(p, params, lambda o, i=i: got[i].extend(o.data))
+    while engine.active or engine.queued:
+        engine.step()
+    return [bytes(g) for g in got]
+
+
 @pytest.fixture(params=list(CONFIGS), ids=list(CONFIGS))
 def model(request):
     return make(CONFIGS[request.param])

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import engine_outputs
 
 import bytelm
 from bytelm import CheckpointError, Megabyte, MegabyteConfig
@@ -200,7 +201,7 @@ def test_swarm_generation_and_engine_batch_equal_local(saved):
     pytest.importorskip("hivemind")
     pytest.importorskip("peft")
     from benchmarks.swarm import Server
-    from bytelm.generation.engine import Engine, SamplingParams
+    from bytelm.generation.engine import SamplingParams
     from bytelm.swarm import SwarmClient, remote_model, swarm_name
 
     folder, local = saved["space"]
@@ -225,12 +226,8 @@ def test_swarm_generation_and_engine_batch_equal_local(saved):
         # a continuous batch: rows at different positions, whose patches end at different bytes (row subsets)
         prompts = [b"", b"import os, sys\n", PROMPT]
         params = SamplingParams(max_new_bytes=21, temperature=0)
-        engine, got = Engine(remote, max_streams=3), [bytearray() for _ in prompts]
-        for i, p in enumerate(prompts):
-            engine.submit(p, params, lambda o, i=i: got[i].extend(o.data))
-        while engine.active or engine.queued:
-            engine.step()
-        assert [bytes(g) for g in got] == [local.generate(p, 21, temperature=0) for p in prompts]
+        got = engine_outputs(remote, prompts, params, 3)
+        assert got == [local.generate(p, 21, temperature=0) for p in prompts]
     finally:
         if remote is not None:
             remote.swarm.close()

@@ -20,6 +20,8 @@ import torch
 pytest.importorskip("hivemind")
 pytest.importorskip("peft")
 
+from conftest import engine_outputs  # noqa: E402
+
 from benchmarks.swarm import Server as _Server  # noqa: E402
 from bytelm import Megabyte, MegabyteConfig  # noqa: E402
 from bytelm.generation.engine import Engine, SamplingParams  # noqa: E402
@@ -118,12 +120,7 @@ def test_generation_through_the_swarm_equals_local(remote, local):
     # a continuous batch: rows at different positions (per-row positions and row subsets on the servers)
     prompts = [b"", b"import os\n", PROMPT, b"class A:\n    def __init__(self):"]
     params = SamplingParams(max_new_bytes=21, temperature=0)
-    engine, got = Engine(remote, max_streams=3), [bytearray() for _ in prompts]
-    for i, p in enumerate(prompts):
-        engine.submit(p, params, lambda o, i=i: got[i].extend(o.data))
-    while engine.active or engine.queued:
-        engine.step()
-    assert [bytes(g) for g in got] == [local.generate(p, 21, temperature=0) for p in prompts]
+    assert engine_outputs(remote, prompts, params, 3) == [local.generate(p, 21, temperature=0) for p in prompts]
 
 
 def test_loss_through_the_swarm_equals_local(remote, local):

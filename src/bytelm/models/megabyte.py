@@ -262,6 +262,19 @@ class Megabyte(ByteLM):
         at = (ends[:, None] - C + torch.arange(C, device=flat.device))[..., None].expand(-1, -1, flat.shape[-1])
         return flat.gather(1, at)
 
+    def _global_prefill(self, e: torch.Tensor, fresh: torch.Tensor, g_at: list[int], counts: list[int],
+                        prior: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
+        """One global pass over the patches a prefill completes: their vectors e (n, M, G), a `fresh` (n,) row's
+        preceded by the pad; row j's inputs at global positions from g_at[j], counts[j] of them real. -> the current
+        window's contributions (n, C, D_L), `prior` being those before."""
+        n = e.shape[0]
+        pad = self.global_pad.expand(n, 1, -1).to(e.dtype)
+        g_in = torch.where(fresh[:, None, None], torch.cat((pad, e), 1), torch.cat((e, pad), 1))
+        g_step = step.moved(g_at, max(a + c for a, c in zip(g_at, counts, strict=True)), counts)
+        g_out = self.global_model(self.drop(g_in), s.global_kv, g_step)  # (n, M + 1, G)
+        s.global_steps += 1
+        return self._new_ctx(g_out, prior, counts)
+
     def prefill(self, x: torch.Tensor, s: MegabyteState, step: Step) -> torch.Tensor:
         """Bytes x (n, T) of n rows, row j's `step.lens[j]` real ones (the rest right padding) from byte position
         `step.at[j]` on: a whole prompt (at 0) or the next chunk of one (at a patch border); logits (n, 256) after
@@ -284,14 +297,8 @@ class Megabyte(ByteLM):
         if max(counts) > 0:
             M = max(done)
             where = (step.positions(M * P, self.config.max_seq_len) if M else None)
-            e = self._patch_embed(x[:, : M * P], where)  # (n, M, G)
-            pad = self.global_pad.expand(n, 1, -1).to(e.dtype)
-            g_in = torch.where(fresh[:, None, None], torch.cat((pad, e), 1), torch.cat((e, pad), 1))
             g_at = [0 if a == 0 else k + 1 for a, k in zip(step.at, k0, strict=True)]
-            g_step = step.moved(g_at, max(a + c for a, c in zip(g_at, counts, strict=True)), counts)
-            g_out = self.global_model(self.drop(g_in), s.global_kv, g_step)  # (n, M + 1, G)
-            s.global_steps += 1
-            ctx = self._new_ctx(g_out, prior, counts)
+            ctx = self._global_prefill(self._patch_embed(x[:, : M * P], where), fresh, g_at, counts, prior, s, step)
         else:
             ctx = prior
         s.ctx[step.rows] = ctx
@@ -458,14 +465,8 @@ class Megabyte(ByteLM):
             slots = y.new_full((n, M * P + 1), -1).scatter(1, slot, y)[:, : M * P]
             pos = torch.tensor(step.at, device=dev)[:, None] - had_t[:, None] + torch.arange(R, device=dev)
             where = y.new_zeros((n, M * P + 1)).scatter(1, slot, pos)[:, : M * P]
-            e = self._slot_embed(slots, where)  # (n, M, G)
-            pad = self.global_pad.expand(n, 1, -1).to(e.dtype)
-            g_in = torch.where(fr[:, None, None], torch.cat((pad, e), 1), torch.cat((e, pad), 1))
             g_at = [0 if f else s.npatch[q] + 1 for f, q in zip(fresh, step.slots, strict=True)]
-            g_step = step.moved(g_at, max(a + k for a, k in zip(g_at, counts, strict=True)), counts)
-            g_out = self.global_model(self.drop(g_in), s.global_kv, g_step)  # (n, M + 1, G)
-            s.global_steps += 1
-            ctx = self._new_ctx(g_out, prior, counts)
+            ctx = self._global_prefill(self._slot_embed(slots, where), fr, g_at, counts, prior, s, step)
         else:
             ctx = prior
         s.ctx[step.rows] = ctx
