@@ -1,3 +1,7 @@
+import shutil
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -82,3 +86,13 @@ def model(request):
 @pytest.fixture
 def megabyte():
     return make(CONFIGS["megabyte-rope"])
+
+
+@pytest.fixture(scope="session")
+def code_dir(tmp_path_factory) -> Path:
+    """Real data: the standard library's json and email packages' source (~300 KB of Python)."""
+    root = tmp_path_factory.mktemp("code")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for pkg in ("json", "email"):
+        shutil.copytree(stdlib / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return root

@@ -3,11 +3,8 @@
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +12,6 @@ import torch
 import bytelm
 from bytelm import CheckpointError
 from bytelm.training import TrainConfig, Trainer, lr_at
-
-
-@pytest.fixture(scope="session")
-def code_dir(tmp_path_factory) -> Path:
-    """Real data: the standard library's json and email packages' source (~300 KB of Python)."""
-    root = tmp_path_factory.mktemp("code")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for pkg in ("json", "email"):
-        shutil.copytree(stdlib / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return root
 
 
 def tiny_cfg(tmp_path, code_dir, **kw) -> TrainConfig:

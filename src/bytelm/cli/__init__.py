@@ -5,6 +5,7 @@
     bytelm eval     MODEL [--adapter DIR] [--data PATH ...] [--mode chunked|sliding|strided] ...
     bytelm generate MODEL [--adapter DIR] [--prompt TEXT | --prompt-file F] [--max-bytes N] [--out FILE] ...
     bytelm merge    ADAPTER [--base BASE] --out DIR
+    bytelm consolidate RUN [--out DIR]
     bytelm push     FOLDER ORG/NAME [--private] [--token T]
     bytelm serve    MODEL [--adapter DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-streams N] ...
     bytelm swarm    serve MODEL [--blocks I:J | --num-blocks N] [--initial-peers ADDR ...] | generate MODEL ...
@@ -32,6 +33,7 @@ COMMANDS = {
     "eval": ("bytelm.cli.eval", "bits per byte of a model on files, folders or the embedded corpus"),
     "generate": ("bytelm.cli.generate", "generate bytes from a model, streamed to stdout"),
     "merge": ("bytelm.cli.merge", "fold a LoRA adapter into its base and write a plain model folder"),
+    "consolidate": ("bytelm.cli.consolidate", "write the whole model of a sharded (--parallel fsdp) checkpoint"),
     "push": ("bytelm.cli.push", "upload a model or adapter folder to the Hugging Face Hub"),
     "serve": ("bytelm.cli.serve", "serve a model over an OpenAI-compatible HTTP API (needs bytelm[serve])"),
     "swarm": ("bytelm.cli.swarm", "serve one model from many machines, or generate through such a swarm (needs "

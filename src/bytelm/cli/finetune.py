@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
 
     cfg, args = parse_run_config(FinetuneConfig, FinetuneArgs, argv, "bytelm finetune")
     result = finetune(cfg, resume=args.resume)
-    if result.get("val_bpb") is not None:
+    if result.get("val_bpb") is not None and result.get("master", True):
         base = result.get("base_val_bpb")
         print(f"done: step {result['step']}, validation bpb {result['val_bpb']:.3f}"
               f"{f' (the base: {base:.3f})' if base is not None else ''}, {result['trainable_params']:,} trainable "

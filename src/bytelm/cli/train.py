@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     cfg, args = parse_run_config(TrainConfig, TrainArgs, argv, "bytelm train")
     result = train(cfg, resume=args.resume)
-    if result.get("val_bpb") is not None:
+    if result.get("val_bpb") is not None and result.get("master", True):
         print(f"done: step {result['step']}, validation bpb {result['val_bpb']:.3f} (estimate over "
               f"{cfg.eval_batches} batches; `bytelm eval {cfg.out_dir}` scores the whole split), "
               f"{result['elapsed'] / 60:.1f} min. Model: {cfg.out_dir}")

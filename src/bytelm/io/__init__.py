@@ -25,6 +25,7 @@ from .folders import (
     recorded_base,
     resolve_local,
     state_problems,
+    write_model_config,
     write_model_files,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "FLOAT_DTYPES", "MODEL_FILES", "WEIGHTS_NAME", "atomic_write", "atomic_write_bytes", "atomic_write_text",
     "checkpoint_steps", "fsync_dir", "fsync_file", "finish_folder", "header_problems", "latest_checkpoint",
     "load_state_strict", "model_folder", "read_adapter_folder", "read_json_object", "read_model_config",
-    "read_weights", "read_weights_header", "recorded_base", "resolve_local", "state_problems", "write_model_files",
+    "read_weights", "read_weights_header", "recorded_base", "resolve_local", "state_problems", "write_model_config",
+    "write_model_files",
 ]

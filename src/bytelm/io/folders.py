@@ -101,6 +101,12 @@ def write_model_files(path: str | Path, state: dict[str, torch.Tensor], config: 
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    return write_model_config(path, config)
+
+
+def write_model_config(path: str | Path, config: dict[str, Any]) -> Path:
+    """config.json alone (a sharded checkpoint's, whose weights are consolidated later), written atomically."""
+    path = Path(path)
     atomic_write_text(path / CONFIG_NAME, json.dumps({**config, "bytelm_version": __version__}, indent=2) + "\n")
     return path
 
@@ -128,11 +134,18 @@ def read_model_config(path: Path) -> dict[str, Any]:
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or a `CheckpointError` naming the file."""
     if not path.is_file():
-        raise CheckpointError(f"{path.parent} has no {path.name}")
+        raise _missing(path)
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _missing(path: Path) -> CheckpointError:
+    if path.name == WEIGHTS_NAME and (path.parent / "sharded").is_dir():  # a --parallel fsdp run's checkpoint
+        return CheckpointError(f"{path.parent} holds sharded weights only (a --parallel fsdp run with "
+                               f"--no-consolidate): `bytelm consolidate {path.parent}` writes its {path.name}")
+    return CheckpointError(f"{path.parent} has no {path.name}")
 
 
 FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}  # safetensors' names, bytes
@@ -142,7 +155,7 @@ def read_weights_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, safetensors dtype name: F32, BF16, I64, BOOL, ...) of every tensor in a safetensors file, from
     its header alone (nothing is loaded), or a `CheckpointError` naming the file."""
     if not path.is_file():
-        raise CheckpointError(f"{path.parent} has no {path.name}")
+        raise _missing(path)
     try:
         with safe_open(path, framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}

@@ -2,7 +2,9 @@
 
     checkpoints/latest            name of the newest complete checkpoint (rewritten atomically, last)
     checkpoints/step-0000200/     the model (or a fine-tune's adapter) folder's files, optimizer.safetensors
-                                  (optimizer moments, RNG state), trainer_state.json
+                                  (optimizer moments, RNG state), trainer_state.json; a `--parallel fsdp` run's
+                                  holds sharded/ (every rank's shards: bytelm.training.sharded) instead of
+                                  optimizer.safetensors
 
 The checkpoint is written into a hidden temporary folder, every file and the folder are fsynced, it is renamed into
 place and its parent fsynced, and only then does `latest` move: a kill or a power loss at any moment leaves the
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
 from ..io import (
@@ -34,43 +36,69 @@ from ..io import (
     read_json_object,
     read_weights,
 )
+from .parallel import ParallelEnv
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 STATE_NAME = "trainer_state.json"
 
 
-def write_checkpoint(root: Path, step: int, write_weights: Callable[[Path], None], tensors: dict[str, torch.Tensor],
-                     state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step-NNNNNNN` under `root` (weights by `write_weights(folder)`, optimizer tensors, trainer
-    state), make it durable, point `latest` at it, and keep only the newest `keep` checkpoints up to this one.
+def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], state: dict[str, Any], keep: int,
+                     env: ParallelEnv | None = None) -> Path | None:
+    """Write checkpoint `step-NNNNNNN` under `root` (its weights and optimizer state by `write_files(folder)`, then
+    the trainer state), make it durable, point `latest` at it, and keep only the newest `keep` checkpoints up to this
+    one. With a distributed `env` every rank calls it and `write_files` writes that rank's shards; rank 0 makes the
+    folder, and commits it once every rank has written (a shared file system for several machines); it returns the
+    folder on rank 0, None elsewhere.
 
-    A write that fails (a full disk, a quota) removes what it wrote and is a `CheckpointError`; the previous
-    checkpoint and `latest` are untouched. Checkpoints of later steps than this one are never pruned here: a run
-    resumed from an earlier checkpoint sets those aside first (`set_aside_later`)."""
+    A write that fails (a full disk, a quota), on any rank, removes what was written and is a `CheckpointError` on
+    every rank; the previous checkpoint and `latest` are untouched. Checkpoints of later steps than this one are never
+    pruned here: a run resumed from an earlier checkpoint sets those aside first (`set_aside_later`)."""
     name = f"step-{step:07d}"
     final, tmp = root / name, root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    moved = False
-    try:
-        tmp.mkdir(parents=True)
-        write_weights(tmp)
-        save_file(tensors, tmp / OPTIMIZER_NAME)
-        (tmp / STATE_NAME).write_text(json.dumps(state))
-        finish_folder(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        moved = True
-        fsync_dir(root)
-        atomic_write_text(root / "latest", name + "\n")  # the commit point (fsynced, and its folder)
-    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+    together = env is not None and env.distributed
+    master = env is None or env.master
+    error: BaseException | None = None
+    if master:
         shutil.rmtree(tmp, ignore_errors=True)
-        if moved:  # complete, but `latest` could not be moved to it: leave no folder that nothing names
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    if not together or env.all_true(error is None):  # (collective) the folder exists
+        try:
+            write_files(tmp)
+        except (OSError, SafetensorError, CheckpointException) as e:  # safetensors and DCP report their own
+            error = e
+        if together and not env.all_true(error is None):  # (collective) every rank wrote its part
+            error = error or OSError("another rank could not write its part")
+    else:
+        error = error or OSError("rank 0 could not make the checkpoint's folder")
+    moved = False
+    if error is None and master:
+        try:
+            (tmp / STATE_NAME).write_text(json.dumps(state))
+            finish_folder(tmp)
             shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            moved = True
+            fsync_dir(root)
+            atomic_write_text(root / "latest", name + "\n")  # the commit point (fsynced, and its folder)
+        except OSError as e:
+            error = e
+    if together and not env.agree(error is None):
+        error = error or OSError("rank 0 could not commit it")
+    if error is not None:
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if moved:  # complete, but `latest` could not be moved to it: leave no folder that nothing names
+                shutil.rmtree(final, ignore_errors=True)
         previous = latest_checkpoint(root.parent)
-        raise CheckpointError(f"could not write checkpoint {name}: {os_reason(e)}; nothing of it was kept, and "
+        raise CheckpointError(f"could not write checkpoint {name}: {os_reason(error)}; nothing of it was kept, and "
                               + (f"checkpoints/latest still names {previous.name}" if previous else
                                  "no earlier checkpoint exists") + ". Free some space and resume with --resume."
                               ) from None
+    if not master:
+        return None
     for old in [p for s, p in checkpoint_steps(root).items() if s < step][: -(keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -99,12 +127,14 @@ def set_aside_later(root: Path, step: int) -> Path | None:
     return aside
 
 
-def read_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """(folder, optimizer tensors, trainer state) of a run's latest checkpoint, or None if it has none."""
+def read_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor] | None, dict[str, Any]] | None:
+    """(folder, optimizer tensors, trainer state) of a run's latest checkpoint, or None if it has none. A sharded
+    checkpoint's optimizer state is in its shards (bytelm.training.sharded): None here."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None
-    return ckpt, read_weights(ckpt / OPTIMIZER_NAME), read_json_object(ckpt / STATE_NAME)
+    tensors = None if (ckpt / "sharded").is_dir() else read_weights(ckpt / OPTIMIZER_NAME)
+    return ckpt, tensors, read_json_object(ckpt / STATE_NAME)
 
 
 def check_trainer_state(ckpt: Path, state: dict[str, Any]) -> None:

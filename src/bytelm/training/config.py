@@ -57,6 +57,9 @@ class TrainConfig(TypedConfig):
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on a CPU with native bf16, else fp32) | fp32 | bf16
     compile: bool = False  # torch.compile the model (CPU: ~3% faster steps for ~25 s of compiling); eager if it fails
     activation_checkpointing: bool = False  # recompute activations in the backward pass (long sequences)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2: parameters, gradients, optimizer state sharded)
+    fsdp_local: str = "shard"  # fsdp: the local model's blocks sharded one by one (shard) or in the root's unit (root)
+    consolidate: bool = True  # fsdp: also write each checkpoint's whole model (config.json + model.safetensors)
     log_interval: int = 10  # steps between log lines
     eval_interval: int = 100  # steps between validation estimates
     eval_batches: int = 8  # batches per validation estimate

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from .precision import cpu_has_native_bf16
 
@@ -82,6 +83,78 @@ class Fp32Muon(torch.optim.Muon):
             muon_module._zeropower_via_newtonschulz = saved
 
 
+def orthogonalise(update: torch.Tensor, ns_coefficients, ns_steps: int, eps: float) -> torch.Tensor:
+    """Muon's Newton-Schulz orthogonalisation, as Fp32Muon or torch.optim.Muon runs it on this device."""
+    if update.device.type == "cpu" and not cpu_has_native_bf16():
+        return newton_schulz_fp32(update, ns_coefficients, ns_steps, eps)
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    return _zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps)
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for FSDP2's parameters, each sharded on dim 0 across the ranks (DTensors). Momentum is
+    element-wise, so each rank updates its own rows; Newton-Schulz needs the whole matrix: each matrix has an owner
+    rank (round robin over the matrices, so the work is spread), which gathers the rows of the momentum update,
+    orthogonalises it and scatters each rank its rows back: one gather and one scatter of the matrix, and each
+    orthogonalisation done once, not on every rank (torchtitan's and Moonlight's scheme; Megatron refuses Muon with
+    FSDP). The update equals single-process Muon's to float tolerance (tests/test_fsdp.py). The state is
+    torch.optim.Muon's, with the momentum sharded like its parameter, so sharded checkpoints reshard it."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        import torch.distributed as dist
+        from torch.optim._muon import _adjust_lr
+
+        loss = closure() if closure is not None else None
+        rank, world = dist.get_rank(), dist.get_world_size()
+        n = 0  # matrices seen, for the round robin
+        for group in self.param_groups:
+            lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                buf = state["momentum_buffer"]
+                buf = buf.to_local() if isinstance(buf, DTensor) else buf
+                buf.lerp_(grad, 1 - momentum)  # torch/optim/_muon.py, _single_tensor_muon
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                owner, n = n % world, n + 1
+                update = _owner_orthogonalises(update, p.shape, owner, rank, world,
+                                               lambda u, g=group: orthogonalise(u, g["ns_coefficients"],
+                                                                                g["ns_steps"], g["eps"]))
+                mine = p.to_local() if isinstance(p, DTensor) else p
+                mine.mul_(1 - lr * wd)
+                mine.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def _owner_orthogonalises(rows: torch.Tensor, shape: torch.Size, owner: int, rank: int, world: int,
+                          orthogonalise_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """This rank's `rows` of a (shape) matrix sharded on dim 0 in torch.chunk's way (FSDP2's: ceil(rows / world)
+    per rank, the last ranks' shorter or empty), orthogonalised whole on the `owner` rank and its rows sent back.
+    gather and scatter take equal-sized tensors: each shard is padded to the chunk size."""
+    import torch.distributed as dist
+
+    chunk = -(-shape[0] // world)
+    padded = rows.new_zeros((chunk, *shape[1:]))
+    padded[: rows.shape[0]] = rows
+    shards = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    dist.gather(padded, shards, dst=owner)
+    pieces = None
+    if rank == owner:
+        whole = orthogonalise_fn(torch.cat(shards)[: shape[0]]).to(rows.dtype)
+        pieces = [whole.new_zeros(padded.shape) for _ in range(world)]
+        for r, piece in enumerate(whole.split(chunk)):
+            pieces[r][: piece.shape[0]] = piece
+    out = torch.empty_like(padded)
+    dist.scatter(out, pieces, src=owner)
+    return out[: rows.shape[0]]
+
+
 def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...]] | None = None,
                    hidden: Callable[[str], bool] = in_blocks) -> torch.optim.Optimizer | MuonAdamW:
     """The optimizer over the parameters that require grad: cfg.optimizer "adamw" (AdamW for all) or "muon" (Muon
@@ -114,7 +187,8 @@ def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...
                     for (by_muon, decay, scale), ps in ordered if not by_muon]
     muon_groups = [{"params": ps, "lr_scale": scale} for (by_muon, _, scale), ps in ordered if by_muon]
     on_cpu = all(p.device.type == "cpu" for g in muon_groups for p in g["params"])
-    muon_class = Fp32Muon if on_cpu and not cpu_has_native_bf16() else torch.optim.Muon
+    sharded = any(isinstance(p, DTensor) for g in muon_groups for p in g["params"])
+    muon_class = ShardedMuon if sharded else Fp32Muon if on_cpu and not cpu_has_native_bf16() else torch.optim.Muon
     by_muon = muon_class(muon_groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                          adjust_lr_fn="match_rms_adamw") if muon_groups else None
     if by_muon is not None and not param_groups:  # everything trained is a block matrix (e.g. some LoRA fine-tunes)

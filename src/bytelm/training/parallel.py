@@ -1,8 +1,15 @@
 """Parallelism, kept out of the training loop and the models (torchtitan's way): how processes find each other and
-how a model is wrapped for them. Today data parallel (DDP under torchrun); sharding (FSDP2) plugs in here.
+how a model is prepared for them.
 
-    env = ParallelEnv.from_environment(device)   # rank, world size, this process's device
-    forward = wrap_model(model, env)             # what the training step calls; `model` keeps the weights
+    env = ParallelEnv.from_environment(device)       # rank, world size, this process's device
+    forward = wrap_model(model, env)                 # ddp: what the training step calls; `model` keeps the weights
+    shard_model(model, env, local_prefixes, ...)     # fsdp: shards `model` in place (FSDP2), which the step calls
+
+Two strategies under torchrun:
+    ddp    every rank holds the whole model, its gradients and its optimizer state; gradients are all-reduced
+    fsdp   FSDP2 (`fully_shard`): every parameter, its gradient and its optimizer state sharded on dim 0 across the
+           ranks; a transformer block's parameters are all-gathered just before it runs and freed after, gradients
+           reduce-scattered. Per-rank training state is ~1/N of DDP's (README, "Training on many devices").
 """
 
 from __future__ import annotations
@@ -13,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+
+from ..nn import Block
+
+STRATEGIES = ("ddp", "fsdp")
+FSDP_LOCAL = ("shard", "root")
 
 
 @dataclass
@@ -50,6 +63,18 @@ class ParallelEnv:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every process (collective)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
     def shared(self, value: float) -> float:
         """Rank 0's value for every process (a wall-clock reading that must not differ between ranks)."""
         if not self.distributed:
@@ -69,6 +94,53 @@ def wrap_model(model: torch.nn.Module, env: ParallelEnv) -> torch.nn.Module:
         return model
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def shard_model(model: torch.nn.Module, env: ParallelEnv, local_prefixes: tuple[str, ...] = (),
+                fsdp_local: str = "shard", bf16: bool = False, compile_blocks: bool = False) -> None:
+    """FSDP2 in place, in torchtitan's order (torchtitan/models/llama3/infra/parallelize.py): activation
+    checkpointing is already applied to each block's forward (`enable_activation_checkpointing`), then each block is
+    compiled (`compile_blocks`), then `fully_shard` each transformer block bottom-up and last the root, whose unit
+    holds what is left (embeddings, norms, pads, the output head).
+
+    `fsdp_local`: "shard" shards the local model's blocks one by one like the global model's; "root" leaves them in
+    the root's unit (gathered once per forward: fewer, larger collectives for a small local model). `bf16`: a
+    MixedPrecisionPolicy that gathers and computes in bf16 and reduces gradients in fp32 (the sharded parameters and
+    optimizer state stay fp32). One rank: nothing to shard, the model is left as it is (its checkpoints are still
+    sharded-format, so a 1-rank run resumes on N and back)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Block)]
+    if compile_blocks:
+        for _, block in blocks:
+            block.compile()
+    if not env.distributed:
+        return
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for name, block in blocks:
+        if fsdp_local == "root" and local_prefixes and name.startswith(local_prefixes):
+            continue
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # every entry point the trainer calls on the model must gather the root's parameters first; `loss` calls
+    # `forward` through __call__ (hooked), the cached decoding entry points are not used while training
+    register_fsdp_forward_method(model, "loss")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 sharded `model`'s parameters (they are DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (the tensor itself otherwise)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded or replicated tensor's whole value on every rank (collective for a sharded one)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def no_sync(forward: torch.nn.Module, sync: bool):

@@ -16,6 +16,7 @@ A run folder (`out_dir`) describes itself:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -33,18 +35,26 @@ from ..data import ImageFormat, Media, WindowSampler, files, load_split, resolve
 from ..data.media import AudioFormat
 from ..devices import check_memory, resolve_device
 from ..errors import CheckpointError, ConfigError, TrainingDiverged, UsageError
-from ..io import atomic_write_bytes, atomic_write_text, checkpoint_steps, latest_checkpoint
-from ..models import ByteLM, build, get_spec, load_model, save_model
+from ..io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    checkpoint_steps,
+    latest_checkpoint,
+    write_model_config,
+    write_model_files,
+)
+from ..models import ByteLM, build, get_spec, load_model, read_config, save_model, write_card
 from ..models.loss import LOSS_CHUNK_BYTES
 from ..nn import Block
 from . import metrics
-from .checkpointing import check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
+from .checkpointing import OPTIMIZER_NAME, check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
 from .config import TrainConfig
 from .memory import map_large_allocations, training_parts
 from .optim import make_optimizer, optimizer_state, optimizer_tensors, state_shape_problems
-from .parallel import ParallelEnv, no_sync, wrap_model
-from .precision import autocast_for
+from .parallel import ParallelEnv, full, local, no_sync, shard_model, wrap_model
+from .precision import autocast_for, uses_bf16
 from .schedule import lr_at
+from .sharded import full_model_state, load_sharded, save_sharded
 
 LN2 = math.log(2)
 log_line = functools.partial(print, flush=True)  # flushed: progress shows up promptly in a piped log too
@@ -98,8 +108,28 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model: ByteLM = self.build_model().to(self.device)
+        stacks = get_spec(self.model_config.model_type).stacks
+        # the order torchtitan applies them in: activation checkpointing, then compiling, then sharding or DDP
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+            if self.device.type == "cpu":  # chunk after chunk of the same tensors: keep glibc from hoarding them
+                map_large_allocations()
+        self.fsdp = cfg.parallel == "fsdp"
+        self.autocast = autocast_for(cfg.precision, self.device)
+        if self.fsdp:  # sharded in place; each block compiled (no eager fallback: a failure is an error)
+            bf16 = uses_bf16(cfg.precision, self.device)
+            shard_model(self.model, self.env, stacks.get("local", ()), cfg.fsdp_local, bf16, cfg.compile)
+            if bf16 and self.env.distributed:  # FSDP's policy computes in bf16 and reduces in fp32: no autocast
+                self.autocast = contextlib.nullcontext()
+            self.eager_forward = self.forward = self.model
+        else:
+            self.eager_forward = self.forward = wrap_model(self.model, self.env)
+        # compiled on its first call (the first micro-step); a failure there falls back to eager (`_micro_step`)
+        self.compile_pending = cfg.compile and not self.fsdp
+        if self.compile_pending:
+            self.forward = torch.compile(self.forward)
         # the parameters that require grad: all, or a LoRA's; per-stack learning rates from the model type's spec
-        self.optimizer = make_optimizer(self.model, cfg, get_spec(self.model_config.model_type).stacks)
+        self.optimizer = make_optimizer(self.model, cfg, stacks)
         self.step, self.elapsed, self.bytes_seen, self.lr = 0, 0.0, 0, 0.0
         self.bad_steps = 0  # non-finite steps in a row (skipped)
         self.save_due = False  # a checkpoint put off by a non-finite step
@@ -116,16 +146,6 @@ class Trainer:
                                   "to continue from into checkpoints/latest and pass --resume, or choose another "
                                   "--out-dir")
 
-        if cfg.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
-            if self.device.type == "cpu":  # chunk after chunk of the same tensors: keep glibc from hoarding them
-                map_large_allocations()
-        self.eager_forward = self.forward = wrap_model(self.model, self.env)
-        # compiled on its first call (the first micro-step); a failure there falls back to eager (`_micro_step`)
-        self.compile_pending = cfg.compile
-        if cfg.compile:
-            self.forward = torch.compile(self.forward)
-        self.autocast = autocast_for(cfg.precision, self.device)
 
     def sequence_length(self) -> int:
         """Bytes per training sequence: one whole image; else --seq-len, or the model's max_seq_len."""
@@ -195,6 +215,18 @@ class Trainer:
             info.update(step=self.last_val[0], val_bpb=self.last_val[1] / LN2)
         return info
 
+    def whole_model(self) -> ByteLM | None:
+        """The trained model, whole, on rank 0 (None on the others): a sharded one gathered into an unsharded copy
+        on the CPU (collective)."""
+        if not (self.fsdp and self.env.distributed):
+            return self.model if self.master else None
+        state = full_model_state(self.model)
+        if not self.master:
+            return None
+        whole = build(self.model_config)
+        whole.load_state_dict(state)
+        return whole.eval()
+
     @property
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -234,15 +266,41 @@ class Trainer:
             raise TrainingDiverged(f"training diverged at step {self.step}: the updated weights are not finite or "
                                    f"give a non-finite loss; not saved. {self.kept_checkpoint()} Try a lower --lr "
                                    f"(it is {self.cfg.lr:g}).")
+        state = {"step": self.step, "elapsed": self.elapsed, "bytes_seen": self.bytes_seen,
+                 "sampler": self.sampler.state_dict(), "last_val": self.last_val, "processes": self.world,
+                 "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.world,
+                 "bytelm_version": __version__}
+        if self.fsdp:  # every rank writes its shards; rank 0 the whole model beside them
+            full = full_model_state(self.model) if self.cfg.consolidate else None  # (collective)
+
+            def write_files(folder: Path) -> None:
+                save_sharded(folder, self.model, self.optimizer)
+                if self.master:
+                    self.save_whole(folder, full)
+
+            return write_checkpoint(self.out / "checkpoints", self.step, write_files,
+                                    {**state, "optimizer": {"format": "sharded"}}, self.cfg.keep_checkpoints,
+                                    self.env)
         if not self.master:
             return None
         tensors, meta = optimizer_tensors(self.optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
-        state = {"step": self.step, "elapsed": self.elapsed, "bytes_seen": self.bytes_seen,
-                 "sampler": self.sampler.state_dict(), "optimizer": meta, "last_val": self.last_val,
-                 "bytelm_version": __version__}
-        return write_checkpoint(self.out / "checkpoints", self.step, self.save_weights, tensors, state,
+
+        def write_files(folder: Path) -> None:
+            self.save_weights(folder)
+            save_file(tensors, folder / OPTIMIZER_NAME)
+
+        return write_checkpoint(self.out / "checkpoints", self.step, write_files, {**state, "optimizer": meta},
                                 self.cfg.keep_checkpoints)
+
+    def save_whole(self, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
+        """A sharded checkpoint's model folder: its config.json, and with `state` (the whole weights, gathered to
+        rank 0) model.safetensors and its card; without, `bytelm consolidate` writes them later from the shards."""
+        if state is None:
+            write_model_config(folder, self.model_config.to_dict())
+            return
+        write_card(folder, self.model_config, self.model.num_params(), **self.card_info())
+        write_model_files(folder, state, self.model_config.to_dict())
 
     def _load_checkpoint(self) -> None:
         found = read_checkpoint(self.out)
@@ -250,6 +308,45 @@ class Trainer:
             raise CheckpointError(f"--resume: {self.out} has no checkpoint to resume from")
         ckpt, tensors, state = found
         check_trainer_state(ckpt, state)
+        if tensors is None:  # a sharded checkpoint, resharded onto this run's ranks
+            self._load_sharded(ckpt, state)
+        else:
+            self._load_whole(ckpt, tensors, state)
+        self.step, self.elapsed, self.bytes_seen = state["step"], float(state["elapsed"]), state["bytes_seen"]
+        self.last_val = tuple(state["last_val"]) if state.get("last_val") else None
+        if self.master:
+            metrics.truncate(self.out / "metrics.csv", self.step)
+            aside = set_aside_later(self.out / "checkpoints", self.step)
+            if aside is not None:
+                self.log(f"checkpoints after step {self.step} (`latest` was rolled back past them) moved to {aside}")
+        processes = state.get("processes", self.world)
+        moved = f", written by {processes} process{'es' if processes > 1 else ''}" if processes != self.world else ""
+        self.log(f"resumed {self.out} at step {self.step} ({ckpt.name}{moved})")
+        windows = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        if state.get("global_batch", windows) != windows:  # the sampler draws the global batch: it must stay
+            self.log(f"warning: the global batch was {state['global_batch']} windows and is now {windows} "
+                     f"(batch_size x grad_accum x processes): the run goes on, but not as it would have; keep "
+                     f"--batch-size x --grad-accum x processes at {state['global_batch']} to resume exactly")
+
+    def _load_sharded(self, ckpt: Path, state: dict[str, Any]) -> None:
+        saved = read_config(ckpt)
+        if saved != self.model_config:
+            raise CheckpointError(f"--resume: the checkpoint's model config differs from this run's: {saved} vs "
+                                  f"{self.model_config}")
+        load_sharded(ckpt, self.model, self.optimizer)
+        self._load_sampler(ckpt, state)
+
+    def _load_sampler(self, ckpt: Path, state: dict[str, Any]) -> None:
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"--resume: {ckpt}'s random number generator state is corrupt ({e!s})") from None
+
+    def _load_whole(self, ckpt: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        if self.fsdp and self.env.distributed:
+            raise CheckpointError(f"--resume: {ckpt} was written by a --parallel ddp or one-process run, whose "
+                                  "optimizer state is not sharded: resume it with --parallel ddp (its next "
+                                  "checkpoints can then be resumed under fsdp only if written by an fsdp run)")
         self.load_weights(ckpt)
         try:
             sd = optimizer_state(tensors, state["optimizer"])
@@ -264,17 +361,9 @@ class Trainer:
                                   ) from None
         try:
             torch.set_rng_state(tensors["rng.torch"])
-            self.sampler.load_state_dict(state["sampler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"--resume: {ckpt}'s random number generator state is corrupt ({e!s})") from None
-        self.step, self.elapsed, self.bytes_seen = state["step"], float(state["elapsed"]), state["bytes_seen"]
-        self.last_val = tuple(state["last_val"]) if state.get("last_val") else None
-        if self.master:
-            metrics.truncate(self.out / "metrics.csv", self.step)
-            aside = set_aside_later(self.out / "checkpoints", self.step)
-            if aside is not None:
-                self.log(f"checkpoints after step {self.step} (`latest` was rolled back past them) moved to {aside}")
-        self.log(f"resumed {self.out} at step {self.step} ({ckpt.name})")
+        self._load_sampler(ckpt, state)
 
     # the loop --------------------------------------------------------------------------------------------------
     def write_run_info(self) -> None:
@@ -308,7 +397,7 @@ class Trainer:
             total += self._micro_step(x, sync)
         params = [p for p in self.model.parameters() if p.grad is not None]
         # the gradient norm, clipped to grad_clip (0: only measured, for the check below)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         # the norm is of the all-reduced gradients, the same on every rank; rank 0 decides for all
         if self.env.agree(not (math.isfinite(total) and math.isfinite(norm))):
             self._skip_bad_step(total, float(norm))
@@ -335,7 +424,10 @@ class Trainer:
                  f"{self.cfg.max_bad_steps} in a row)")
 
     def weights_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad)
+        """Whether every trained weight is finite (on every rank: a sharded model's ranks each check their shards;
+        collective under fsdp)."""
+        ok = all(bool(torch.isfinite(local(p)).all()) for p in self.model.parameters() if p.requires_grad)
+        return self.env.all_true(ok) if self.fsdp else ok
 
     @torch.no_grad()
     def model_finite(self) -> bool:
@@ -438,8 +530,8 @@ class Trainer:
         bar.close()
         if self.master:
             metrics.plot_metrics(self.out)
-        return {"step": self.step, "val_loss": val, "val_bpb": None if val is None else val / LN2,
-                "elapsed": self.elapsed, "bytes_seen": self.bytes_seen}
+        return {"step": self.step, "master": self.master, "val_loss": val,
+                "val_bpb": None if val is None else val / LN2, "elapsed": self.elapsed, "bytes_seen": self.bytes_seen}
 
 
 def sample_text(model: ByteLM, prompt: str, n: int, seed: int) -> str:
@@ -465,13 +557,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=log_line, trainer_class: t
     trainer = trainer_class(cfg, resume=resume, log=log)
     try:
         result = trainer.run()
+        model = trainer.whole_model() if cfg.sample_bytes > 0 else None
         if trainer.master and cfg.sample_bytes > 0 and trainer.media is not None:
-            log(f"sample: {write_sample(trainer.model, trainer.media, trainer.out, cfg.seed)}")
+            log(f"sample: {write_sample(model, trainer.media, trainer.out, cfg.seed)}")
         elif trainer.master and cfg.sample_bytes > 0:
             n = min(cfg.sample_bytes, trainer.model_config.max_seq_len - len(cfg.sample_prompt.encode()))
             if n > 0:
-                log("--- sample ---\n" + sample_text(trainer.model, cfg.sample_prompt, n, cfg.seed) +
-                    "\n--------------")
+                log("--- sample ---\n" + sample_text(model, cfg.sample_prompt, n, cfg.seed) + "\n--------------")
         return result
     finally:
         trainer.env.close()
