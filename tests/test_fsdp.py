@@ -142,9 +142,9 @@ def test_kill_9_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_run(code_d
     """Two ranks killed (SIGKILL, the whole process group) at a random moment after their third checkpoint, one
     every step; the run then resumes under torchrun and ends at the weights of a run never interrupted."""
     cli = ["-m", "bytelm.cli", "train", "--preset", "tiny", "--data", str(code_dir), "--seq-len", "64",
-           "--batch-size", "2", "--max-steps", "10", "--warmup-steps", "1", "--save-interval", "1", "--eval-interval", "10",
-           "--eval-batches", "1", "--sample-bytes", "0", "--val-fraction", "0.1", "--precision", "fp32",
-           "--optimizer", "adamw", "--parallel", "fsdp", "--out-dir", str(tmp_path / "run")]
+           "--batch-size", "2", "--max-steps", "10", "--warmup-steps", "1", "--save-interval", "1",
+           "--eval-interval", "10", "--eval-batches", "1", "--sample-bytes", "0", "--val-fraction", "0.1",
+           "--precision", "fp32", "--optimizer", "adamw", "--parallel", "fsdp", "--out-dir", str(tmp_path / "run")]
     proc = torchrun(cli, 29632, background=True)
     latest, deadline = tmp_path / "run" / "checkpoints" / "latest", time.monotonic() + 240
     try:
