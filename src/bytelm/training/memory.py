@@ -126,7 +126,9 @@ def state_bytes(model_config, optimizer: str, strategy: str, world: int, precisi
                      another copy; a single process runs without DDP), under FSDP2 sharded as the parameters
         optimizer    AdamW: two fp32 moments per parameter; Muon (`optimizer="muon"`): one fp32 momentum per
                      matrix of the transformer blocks (what `in_blocks` names; 2-D), AdamW's two for the rest;
-                     sharded as the parameters under FSDP2
+                     sharded as the parameters under FSDP2, but not padded (the optimizer makes them like the
+                     parameters' unpadded local shards): the figure is rank 0's, which holds the most, ceil(rows /
+                     world) rows of each (a 2-process gloo run in tests/test_memory.py checks all three)
         unsharded    transient: the weights in the compute dtype (`precision`: 4 bytes fp32, 2 bf16) held beyond the
                      fp32 parameters at the step's peak. FSDP2: the root unit's parameters (those of no block: the
                      root stays unsharded from forward to backward) and the largest block's, all-gathered one block at
