@@ -320,3 +320,213 @@ def test_training_estimate_is_close_to_the_peak_of_a_real_step():
     assert run.returncode == 0, run.stderr
     ratio = float(run.stdout.split()[-1])
     assert 0.5 < ratio < 1.25, ratio
+
+
+# --- training state per rank under DDP and FSDP2 (bytelm.training.memory.state_bytes) -------------------------------
+def _tiny(model_type):
+    return bytelm.models.config_class(model_type).from_name("tiny", max_seq_len=64)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_fsdp_state_shrinks_with_the_ranks_and_ddp_does_not(optimizer):
+    from bytelm.training.memory import state_bytes
+
+    cfg = bytelm.MegabyteConfig.from_name("paper-1.3b")
+    rows = sum(p[0].numel() for p in memory.skeleton(cfg).parameters())  # one row of every parameter: the padding
+    one = state_bytes(cfg, optimizer, "fsdp", 1, "bf16")
+    sharded = ("params", "grads", "optimizer")
+    for world in (2, 3, 4, 8):
+        fsdp = state_bytes(cfg, optimizer, "fsdp", world, "bf16")
+        for part in sharded:  # 1/N of the whole, plus at most one padded row of each tensor (x 3: AdamW's moments)
+            assert 0 <= fsdp[part] - one[part] / world <= 3 * 4 * rows, (part, world)
+        assert fsdp["unsharded"] == one["unsharded"] and fsdp["muon"] == one["muon"]  # transient: not sharded
+        state = sum(one[p] for p in sharded)
+        assert abs(sum(fsdp[p] for p in sharded) - state / world) / (state / world) < 0.01
+        assert fsdp["total"] == sum(fsdp[p] for p in (*sharded, "unsharded", "muon"))
+    single, ddp = (state_bytes(cfg, optimizer, "ddp", w, "bf16") for w in (1, 2))
+    assert ddp["grads"] == 2 * single["grads"]  # DDP's buckets
+    assert all(state_bytes(cfg, optimizer, "ddp", w, "bf16") == ddp for w in (4, 8))  # nothing shrinks
+    assert 5.5e9 < single["params"] < 5.7e9  # 1.4B fp32 parameters
+
+
+def _state_of_a_step(model, optimizer):
+    """A built model and its optimizer after one step: (param, [its optimizer state tensors shaped like it])."""
+    from bytelm.training import TrainConfig
+    from bytelm.training.optim import make_optimizer
+
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
+    model.loss(torch.randint(0, 256, (1, 64))).backward()
+    opt.step()
+    parts = opt.parts.values() if hasattr(opt, "parts") else [opt]
+    state = {id(p): [v for v in s.values() if isinstance(v, torch.Tensor) and v.shape == p.shape]
+             for part in parts for p, s in part.state.items()}
+    return [(p, state[id(p)]) for p in model.parameters()]
+
+
+@pytest.mark.parametrize("model_type", ["megabyte", "transformer"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_state_bytes_is_a_count_of_a_built_model(model_type, optimizer):
+    """The formula against a real tiny model and its optimizer's state after a step, sharded as FSDP2 shards (chunk
+    0 of torch.chunk on dim 0: the padded size every rank allocates), so that it cannot drift from what is built."""
+    from bytelm.nn import Block
+    from bytelm.training.memory import state_bytes
+
+    torch.manual_seed(0)
+    cfg = _tiny(model_type)
+    model = bytelm.build(cfg)
+    held = _state_of_a_step(model, optimizer)
+    for world in (1, 2, 3, 8):
+        def shard(t, world=world):
+            return t.element_size() * torch.chunk(t.detach(), world)[0].numel()
+
+        fsdp = state_bytes(cfg, optimizer, "fsdp", world, "bf16")
+        assert fsdp["params"] == sum(shard(p) for p, _ in held) == fsdp["grads"]
+        assert fsdp["optimizer"] == sum(shard(v) for _, state in held for v in state)
+        ddp = state_bytes(cfg, optimizer, "ddp", world, "fp32")
+        assert ddp["params"] == sum(p.nbytes for p, _ in held)
+        assert ddp["grads"] == sum(p.grad.nbytes for p, _ in held) * (2 if world > 1 else 1)
+        assert ddp["optimizer"] == sum(v.nbytes for _, state in held for v in state)
+        assert ddp["unsharded"] == 0
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    assert state_bytes(cfg, optimizer, "fsdp", 4, "bf16")["unsharded"] == 2 * (root + largest)
+    assert state_bytes(cfg, optimizer, "fsdp", 4, "fp32")["unsharded"] == 4 * (root + largest)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert state_bytes(cfg, optimizer, "ddp", 2, "bf16")["unsharded"] == 2 * linear  # autocast's copies
+    assert (state_bytes(cfg, optimizer, "ddp", 1)["muon"] > 0) == (optimizer == "muon")
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak of the bytes of the tensors made under it and still alive (each storage once; ops in place on a
+    tensor made before it are not new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.refs = 0, 0, {}
+
+    def _free(self, ptr):
+        self.refs[ptr][1] -= 1
+        if self.refs[ptr][1] == 0:
+            self.live -= self.refs.pop(ptr)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        given = {a.untyped_storage().data_ptr() for a in (*args, *(kwargs or {}).values())
+                 if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:  # not in place
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self.refs:
+                    self.refs[ptr] = [t.untyped_storage().nbytes(), 0]
+                    self.live += self.refs[ptr][0]
+                    self.peak = max(self.peak, self.live)
+                self.refs[ptr][1] += 1
+                weakref.finalize(t, self._free, ptr)
+        return out
+
+
+@pytest.mark.parametrize("shape", [(256, 64), (64, 64)])
+def test_muon_scratch_is_what_a_muon_step_allocates(shape):
+    """The Muon term is the peak of what one fp32 Muon step on the matrix allocates (the update, Newton-Schulz's
+    iterates and Gram matrices): 3 m n + 2 min(m, n)^2 fp32 elements, 3.5x the matrix for a 4:1 one, 5x square."""
+    from bytelm.training.memory import _muon_scratch
+    from bytelm.training.optim import Fp32Muon
+
+    p = torch.nn.Parameter(torch.randn(shape))
+    p.grad = torch.randn(shape)
+    opt = Fp32Muon([p], lr=1e-3, adjust_lr_fn="match_rms_adamw")
+    opt.step()  # the momentum is made here
+    with _LiveBytes() as live:
+        opt.step()
+    expected = 4 * _muon_scratch(shape)
+    assert expected <= live.peak <= expected + 1024, (live.peak, expected)  # + a few scalars
+
+
+SHARD_SCRIPT = """
+import json
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from bytelm.models import MegabyteConfig, build
+from bytelm.nn import Block
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = build(MegabyteConfig.from_name("tiny", max_seq_len=64))
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+for m in list(model.modules()):
+    if isinstance(m, Block):
+        fully_shard(m, mesh=mesh)
+fully_shard(model, mesh=mesh)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model.loss(torch.randint(0, 256, (2, 64))).backward()
+opt.step()
+params = list(model.parameters())
+
+def allocated(ts):  # bytes of the distinct storages (FSDP2's padded shards; one reduce-scatter buffer per unit)
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}.values())
+
+out = dict(rank=dist.get_rank(), rows={n: p.to_local().shape[0] for n, p in model.named_parameters()},
+           params=allocated(p.to_local() for p in params), grads=allocated(p.grad.to_local() for p in params),
+           optimizer=allocated(v.to_local() for s in opt.state.values() for v in s.values() if v.dim() > 0))
+print("RESULT " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # 25 s on 2 busy cores at world 2 (each process imports torch.distributed's FSDP and DTensor: 15 s)
+@pytest.mark.parametrize("world", [2, 3])  # 3: uneven shards, padded
+def test_fsdp_shards_are_what_state_bytes_counts(tmp_path, world):
+    """`world` gloo processes fully_shard a tiny MEGABYTE (each block, then the root) and take an AdamW step; each
+    rank's allocated parameter, gradient and moment bytes are the formula's (params and grads padded on every rank;
+    the moments unpadded, the most on rank 0), and its rows of each parameter torch.chunk's."""
+    from bytelm.training.memory import shard_rows, state_bytes
+
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    # the processes torchrun would start, without torchrun's own (a second or more of imports on a small machine)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in range(world)]
+    try:
+        runs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in runs]
+    ranks = sorted((json.loads(line[len("RESULT "):]) for out, _ in runs for line in out.splitlines()
+                    if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    assert len(ranks) == world
+    cfg = _tiny("megabyte")
+    expected = state_bytes(cfg, "adamw", "fsdp", world)
+    shapes = {n: p.shape for n, p in memory.skeleton(cfg).named_parameters()}
+    for r in ranks:
+        assert r["params"] == expected["params"] and r["grads"] == expected["grads"], r
+        assert r["rows"] == {n: shard_rows(s[0], world, r["rank"])[0] for n, s in shapes.items()}
+        assert r["optimizer"] <= expected["optimizer"]
+    assert ranks[0]["optimizer"] == expected["optimizer"]
+
+
+def test_parallel_memory_benchmark_writes_its_table(tmp_path):
+    from benchmarks import parallel_memory
+
+    payload = parallel_memory.main(["--presets", "megabyte:tiny", "--ranks", "1", "2", "--out", str(tmp_path)])
+    md = (tmp_path / "parallel_memory.md").read_text()
+    assert "## megabyte `tiny`" in md and md.count("| FSDP2 | 2 |") == 2
+    rows = payload["presets"]["megabyte:tiny"]["muon"]
+    assert [(r["strategy"], r["ranks"]) for r in rows] == [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+    assert ("megabyte", "paper-1.3b") in parallel_memory.paper_presets()
