@@ -175,3 +175,17 @@ def test_a_run_without_consolidating_is_consolidated_by_command(code_dir, tmp_pa
     assert gap(tmp_path / "whole", tmp_path / "run") == 0.0
     assert cli_main(["consolidate", str(tmp_path)]) == 2
     assert "neither a sharded checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_four(runs, code_dir, tmp_path):
+    """Step 2 of the 2-rank run, resumed on 4 ranks x 1 window: the uninterrupted run's weights (4 processes on this
+    2-core machine: slow)."""
+    run = rolled_back(runs["two_adamw"], tmp_path / "four", 2)
+    job = [{"settings": settings(run, code_dir, batch_size=1), "resume": True}]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", "29634",
+           str(HERE / "fsdp_worker.py"), json.dumps(job)]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "written by 2 processes" in done.stdout
+    assert gap(runs["one_adamw"], run) < TOL

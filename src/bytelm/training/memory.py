@@ -26,6 +26,7 @@ from torch import nn
 from ..models.memory import lora_shapes, skeleton, training_activations
 from ..nn import Block
 from .optim import in_blocks
+from .parallel import STRATEGIES
 from .precision import uses_bf16
 
 # The peak of a training step over what its forward pass saves: the backward pass holds gradients of activations
@@ -88,7 +89,6 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
         return False
 
 
-STRATEGIES = ("ddp", "fsdp")
 # bytes per element of the weights a step computes with: fp32, or bf16 (autocast under DDP; FSDP2's
 # MixedPrecisionPolicy(param_dtype=torch.bfloat16) under FSDP)
 _COMPUTE_BYTES = {"fp32": 4, "bf16": 2}
