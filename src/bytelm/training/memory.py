@@ -150,6 +150,8 @@ def state_bytes(model_config, optimizer: str, strategy: str, world: int, precisi
         raise ValueError(f"precision {precision!r}: one of {', '.join(_COMPUTE_BYTES)}")
     if world < 1:
         raise ValueError(f"world {world}: at least 1")
+    if world == 1:  # one rank: nothing to shard (bytelm.training.parallel.shard_model leaves the model whole)
+        strategy = "ddp"
     skel = skeleton(model_config)
     shapes = {n: tuple(p.shape) for n, p in skel.named_parameters()}
     muon = {n for n, s in shapes.items() if optimizer == "muon" and len(s) == 2 and in_blocks(n)}
