@@ -78,13 +78,15 @@ def runs(tmp_path_factory, code_dir) -> dict[str, Path]:
     same runs sharded, a 1-rank fsdp run resumed on 2 ranks, and a measure of each rank's training state; last, a
     2-rank run resumed on 1 rank."""
     root = tmp_path_factory.mktemp("fsdp")
-    out = {name: root / name for name in ("one_adamw", "one_muon", "one_fsdp", "two_adamw", "two_muon", "up", "down")}
+    names = ("one_adamw", "one_muon", "one_fsdp", "two_adamw", "two_muon", "two_bf16", "up", "down")
+    out = {name: root / name for name in names}
     run_here(settings(out["one_adamw"], code_dir, parallel="ddp"))
     run_here(settings(out["one_muon"], code_dir, parallel="ddp", optimizer="muon"))
     run_here(settings(out["one_fsdp"], code_dir))
     rolled_back(out["one_fsdp"], out["up"], 2)
     jobs = [{"settings": settings(out["two_adamw"], code_dir, batch_size=2)},
             {"settings": settings(out["two_muon"], code_dir, batch_size=2, optimizer="muon")},
+            {"settings": settings(out["two_bf16"], code_dir, batch_size=2, precision="bf16")},
             {"settings": settings(out["up"], code_dir, batch_size=2), "resume": True},
             {"measure": settings(root / "measure", code_dir, batch_size=2, optimizer="muon"),
              "out": str(root / "bytes")}]
@@ -105,6 +107,17 @@ def test_a_sharded_step_equals_one_process(runs):
     assert max((trained[k] - start[k]).abs().max().item() for k in start) > 100 * TOL  # it did train
     shards = sorted(p.name for p in (runs["two_adamw"] / "checkpoints" / "step-0000004" / "sharded").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights(runs):
+    """bf16 MixedPrecisionPolicy: blocks gathered and run in bf16, gradients reduced in fp32, the sharded weights and
+    the update in fp32: the weights stay fp32 and near the fp32 run's (bf16 rounding of activations only)."""
+    bf16, fp32 = bytelm.load(runs["two_bf16"]), bytelm.load(runs["two_adamw"])
+    assert {t.dtype for t in bf16.state_dict().values()} == {torch.float32}
+    assert gap(runs["two_adamw"], runs["two_bf16"]) > 0  # it did compute in bf16
+    x = torch.tensor([list((Path(json.__file__).parent / "decoder.py").read_bytes()[:512])])
+    with torch.no_grad():
+        assert abs(bf16.loss(x).item() - fp32.loss(x).item()) < 0.05  # nats per byte: the same model, to bf16
 
 
 def test_sharded_muon_equals_one_process(runs):
