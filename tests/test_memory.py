@@ -301,7 +301,7 @@ byte_loss(warm(x[:1, :64]), x[:1, :64]).backward()  # torch's own lazy state, be
 del warm
 base = rss("VmRSS")
 model = build(cfg).train()
-opt = make_optimizer(model, TrainConfig(preset="small"))
+opt = make_optimizer(model, TrainConfig().optimizer)
 byte_loss(model(x), x).backward()
 opt.step()  # the optimizer's moments are made here
 peak = rss("VmHWM") - base
