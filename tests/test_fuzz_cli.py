@@ -14,7 +14,6 @@ import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,12 +199,15 @@ def test_eval_flags(place):
     check()
 
 
-def run_flags(config_cls) -> list[SimpleNamespace]:
-    """Every flag of a run config (its flat names, across its sections) with its field's type: (name, type)."""
+Flag = collections.namedtuple("Flag", "name type")  # as argv_from reads a dataclass field
+
+
+def run_flags(config_cls) -> list[Flag]:
+    """Every flag of a run config (its flat names, across its sections) with its field's type."""
     out = []
     for name, (section, field) in config_cls.flat_names().items():
         owner = config_cls if section is None else config_cls.sections()[section]
-        out.append(SimpleNamespace(name=name, type=owner.field_types()[field]))
+        out.append(Flag(name, owner.field_types()[field]))
     return out
 
 
