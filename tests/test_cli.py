@@ -116,6 +116,10 @@ def test_a_flat_run_json_resumes(trained, tmp_path, capsys):
     run["train"] = flat_before_sections(run["train"])
     assert run["train"]["optimizer"] == "adamw" and run["train"]["batch_size"] == 2
     (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--max-bytes", "2000", "--no-codecs"]) == 0  # its split, from flat data
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["split"] == "val" and str(data) in scored["data"]
     assert main(["train", "--resume", "--out-dir", str(out), "--max-steps", "6", "--sample-bytes", "0",
                  "--model", "dropout=0.0"]) == 0
     saved = json.loads((out / "run.json").read_text())["train"]
@@ -141,6 +145,9 @@ def test_config_files_flat_and_sectioned(tmp_path):
     assert sectioned["optimizer"]["lr"] == 1e-3 and "lr" not in sectioned
     assert TrainConfig.from_dict(json.loads(json.dumps(sectioned))) == cfg == TrainConfig.flat(**flat)
     assert TrainConfig.from_dict({"model": {"preset": "tiny"}, "schedule": {"max_steps": 7}}).schedule.max_steps == 7
+    # `bytelm eval` reads a run's data settings alone, from a training run's or a fine-tune's, flat or sectioned
+    assert TrainConfig.section_of({"base": "b", "lora_rank": 2, "val_fraction": 0.2}, "data").val_fraction == 0.2
+    assert TrainConfig.section_of(sectioned, "data") == cfg.data == TrainConfig.section_of(flat, "data")
     with pytest.raises(ConfigError, match=r"^unknown train config field\(s\): 'optimizer.rate'; known: "
                                           r"optimizer.name, optimizer.lr"):
         TrainConfig.from_dict({"optimizer": {"rate": 1.0}})

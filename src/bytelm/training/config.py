@@ -69,7 +69,8 @@ Overrides = Annotated[dict[str, Any], PrimitiveConstructorSpec(
 
 
 def flag(name: str, **kw: Any):
-    """A field's flag (and flat name), where it is not the field's own: --lr-less names like `name` need context."""
+    """A field's flag (and flat name) where it is not the field's own: in its section a field is `name` or `rank`; on
+    the command line, where every section's flags meet, it is --optimizer or --lora-rank."""
     return tyro.conf.arg(name=name, **kw)
 
 
