@@ -9,10 +9,10 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+from bytelm.training.config import OptimizerSection
 from bytelm.training.optim import in_blocks, make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -79,8 +79,8 @@ def bytelm_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.
     matrices (bytelm's blocks, megabyte-pytorch's `transformers`, mblm's `stage_models`) and that AdamW for the rest;
     parameter groups whose `lr_scale` is local_lr_scale for the parameters whose names start with a prefix in `local`
     (a MEGABYTE's local stack), else 1 (the caller multiplies its schedule's rate by each group's lr_scale)."""
-    settings = SimpleNamespace(lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.95, local_lr_scale=local_lr_scale,
-                               optimizer=optimizer)
+    settings = OptimizerSection(name=optimizer, lr=lr, weight_decay=weight_decay, beta1=0.9, beta2=0.95,
+                                local_lr_scale=local_lr_scale)
     return make_optimizer(model, settings, {"local": local}, hidden=stack_matrix)
 
 

@@ -29,7 +29,7 @@ import torch
 from bytelm import build
 from bytelm.devices import available_memory, format_bytes
 from bytelm.models import config_from_dict
-from bytelm.training import TrainConfig
+from bytelm.training.config import OptimizerSection
 from bytelm.training.memory import training_parts
 from bytelm.training.optim import make_optimizer
 from bytelm.training.trainer import enable_activation_checkpointing
@@ -54,7 +54,7 @@ def one(config: dict, length: int, checkpointing: bool) -> dict:
     model = build(config_from_dict(config)).train()
     if checkpointing:
         enable_activation_checkpointing(model)
-    opt = make_optimizer(model, TrainConfig(optimizer="muon"))
+    opt = make_optimizer(model, OptimizerSection(name="muon"))
     x = torch.randint(0, 256, (1, length))
 
     def step(x: torch.Tensor) -> float:

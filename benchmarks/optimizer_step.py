@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bytelm import Megabyte, MegabyteConfig
-from bytelm.training.config import TrainConfig
+from bytelm.training.config import OptimizerSection
 from bytelm.training.optim import Fp32Muon, make_optimizer
 from bytelm.training.precision import cpu_has_native_bf16
 
@@ -33,7 +33,7 @@ def optimizers(model: torch.nn.Module) -> dict[str, object]:
         m = copy.deepcopy(model)
         for p in m.parameters():
             p.grad = torch.randn_like(p, generator=torch.Generator().manual_seed(0)) * 1e-3
-        opt = make_optimizer(m, TrainConfig(optimizer=optimizer))
+        opt = make_optimizer(m, OptimizerSection(name=optimizer))
         if muon_class is not None:  # swap in the class asked for, whatever this CPU would get by default
             part = opt.parts["muon"]
             opt.parts["muon"] = muon_class(part.param_groups, lr=4e-3, weight_decay=0.1,

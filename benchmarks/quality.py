@@ -70,22 +70,18 @@ def corpus_paths(corpus: str) -> list[str] | None:
 def recipe(suite: suites.Suite, lr: float | None = None, local_lr_scale: float | None = None,
            optimizer: str | None = None) -> TrainConfig:
     """bytelm's default training recipe over this suite's time budget (lr, local-stack scale, optimizer overridable)."""
-    cfg = TrainConfig(time_budget=suite.quality_seconds, out_dir="-")
-    if optimizer is not None:
-        cfg.optimizer = optimizer
-    if lr is not None:
-        cfg.lr = lr
-    if local_lr_scale is not None:
-        cfg.local_lr_scale = local_lr_scale
-    return cfg
+    overridden = {k: v for k, v in (("optimizer", optimizer), ("lr", lr), ("local_lr_scale", local_lr_scale))
+                  if v is not None}
+    return TrainConfig.flat(time_budget=suite.quality_seconds, out_dir="-", **overridden)
 
 
 class Contender:
     def __init__(self, name: str, model: torch.nn.Module, logits_fn, suite: suites.Suite, cfg: TrainConfig,
                  train_data, local: tuple[str, ...] = (), bf16: bool = False) -> None:
         self.name, self.model, self.logits_fn, self.suite, self.cfg = name, model, logits_fn, suite, cfg
-        self.opt = bytelm_optimizer(model, cfg.lr, cfg.weight_decay, local=local, local_lr_scale=cfg.local_lr_scale,
-                                    optimizer=cfg.optimizer)
+        o = cfg.optimizer
+        self.opt = bytelm_optimizer(model, o.lr, o.weight_decay, local=local, local_lr_scale=o.local_lr_scale,
+                                    optimizer=o.name)
         self.sampler = WindowSampler(train_data, suite.quality_seq_len, suite.quality_batch, seed=1337)
         self.bf16 = bf16
         self.elapsed, self.steps, self.losses = 0.0, 0, []
@@ -93,7 +89,7 @@ class Contender:
     def lr(self) -> float:
         """Warm-up over the first 5% of the time budget, then cosine to lr * min_lr_ratio at its end."""
         frac = min(1.0, self.elapsed / self.suite.quality_seconds)
-        base, floor = self.cfg.lr, self.cfg.min_lr_ratio
+        base, floor = self.cfg.optimizer.lr, self.cfg.schedule.min_lr_ratio
         if frac < 0.05:
             return base * max(frac / 0.05, 0.01)
         return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95)))
@@ -132,7 +128,7 @@ class Contender:
 
 def bytelm_default_bf16() -> bool:
     """Whether `bytelm train` computes in bf16 autocast on this machine's CPU (TrainConfig's default precision)."""
-    return uses_bf16(TrainConfig().precision, torch.device("cpu"))
+    return uses_bf16(TrainConfig().parallel.precision, torch.device("cpu"))
 
 
 def contenders_for(suite: suites.Suite, cfg: TrainConfig, train, precision: str, paper: bool) -> list[Contender]:
@@ -167,6 +163,7 @@ def run(suite: suites.Suite, out_dir=RESULTS, corpus: str = "stdlib", seeds: tup
         precision = "bf16" if bytelm_default_bf16() else "fp32"
     train, val, split = load_split(corpus_paths(corpus))
     cfg = recipe(suite, lr, local_lr_scale, optimizer)
+    o = cfg.optimizer
     ev = WindowSampler(val, suite.quality_seq_len, 1, seed=2024)
     windows = [ev.next_batch() for _ in range(suite.quality_eval_windows)]
     runs: dict[str, list[dict]] = {}
@@ -193,13 +190,13 @@ def run(suite: suites.Suite, out_dir=RESULTS, corpus: str = "stdlib", seeds: tup
                           * suite.quality_seq_len, "params": rs[0]["params"], "bf16": rs[0]["bf16"], "runs": rs}
     payload = {"suite": suite.name, "corpus": corpus, "corpus_name": CORPORA.get(corpus, corpus),
                "seconds_each": suite.quality_seconds, "seq_len": suite.quality_seq_len, "batch": suite.quality_batch,
-               "recipe": {"optimizer": cfg.optimizer, "lr": cfg.lr, "local_lr_scale": cfg.local_lr_scale,
+               "recipe": {"optimizer": o.name, "lr": o.lr, "local_lr_scale": o.local_lr_scale,
                           "warmup": "5% of the time budget",
-                          "schedule": "cosine", "min_lr_ratio": cfg.min_lr_ratio,
-                          "weight_decay": cfg.weight_decay, "betas": [cfg.beta1, cfg.beta2],
+                          "schedule": "cosine", "min_lr_ratio": cfg.schedule.min_lr_ratio,
+                          "weight_decay": o.weight_decay, "betas": [o.beta1, o.beta2],
                           "grad_clip": 1.0,
                           "overridden": lr is not None or local_lr_scale is not None or optimizer is not None},
-               "lr": cfg.lr, "local_lr_scale": cfg.local_lr_scale, "precision": precision, "seeds": list(seeds),
+               "lr": o.lr, "local_lr_scale": o.local_lr_scale, "precision": precision, "seeds": list(seeds),
                "split": split, "eval_bytes": sum(x.numel() for x in windows), "results": results}
     write(name or ("quality" if corpus == "stdlib" else f"quality-{corpus}"), payload, markdown(payload), out_dir)
     return payload

@@ -9,7 +9,9 @@ import pytest
 
 import bytelm
 from bytelm.cli import main
-from bytelm.cli.options import parse_duration
+from bytelm.errors import ConfigError
+from bytelm.finetune import FinetuneConfig
+from bytelm.training.config import ModelSection, TrainConfig, parse_duration
 
 TINY = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "8", "--warmup-steps", "10", "--log-interval", "50",
         "--eval-batches", "2", "--sample-bytes", "32", "--val-fraction", "0.2"]
@@ -32,7 +34,7 @@ def test_train_writes_a_self_describing_run(trained):
     data, out = trained
     assert (out / "loss.png").exists() and (out / "checkpoints" / "latest").exists()
     run = json.loads((out / "run.json").read_text())
-    assert "split by tail" in run["data"] and run["train"]["max_steps"] == 150
+    assert "split by tail" in run["data"] and run["train"]["schedule"]["max_steps"] == 150
     assert bytelm.load(out).config.to_dict() == run["model"]
 
 
@@ -87,12 +89,100 @@ def test_a_run_from_before_muon_resumes_with_adamw(trained, tmp_path, capsys):
     assert main(["train", *TINY, "--data", str(data), "--max-steps", "4", "--save-interval", "2", "--eval-interval",
                  "4", "--sample-bytes", "0", "--optimizer", "adamw", "--out-dir", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
+    run["train"] = flat_before_sections(run["train"])
     del run["train"]["optimizer"]
     (out / "run.json").write_text(json.dumps(run))
     capsys.readouterr()
     assert main(["train", "--resume", "--out-dir", str(out), "--max-steps", "6", "--sample-bytes", "0"]) == 0
     assert "resumed" in capsys.readouterr().out
-    assert json.loads((out / "run.json").read_text())["train"]["optimizer"] == "adamw"
+    assert json.loads((out / "run.json").read_text())["train"]["optimizer"]["name"] == "adamw"
+
+
+def flat_before_sections(settings: dict) -> dict:
+    """A run's settings as run.json held them before the sections: one flat dict (without the later fields)."""
+    flat = TrainConfig.from_dict(settings).flat_settings()
+    return {k: v for k, v in flat.items() if k not in ("parallel", "fsdp_local", "consolidate")}
+
+
+def test_a_flat_run_json_resumes(trained, tmp_path, capsys):
+    """Every run.json written before the sections holds its settings flat: --resume reads them, and the run goes on
+    with them (here: AdamW, a batch of 2) and records them sectioned; --model overrides merge into the saved ones."""
+    data, _ = trained
+    out = tmp_path / "flat"
+    assert main(["train", *TINY, "--data", str(data), "--max-steps", "4", "--save-interval", "2", "--eval-interval",
+                 "4", "--sample-bytes", "0", "--optimizer", "adamw", "--batch-size", "2", "--model",
+                 "max_seq_len=256", "--out-dir", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    run["train"] = flat_before_sections(run["train"])
+    assert run["train"]["optimizer"] == "adamw" and run["train"]["batch_size"] == 2
+    (out / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--max-bytes", "2000", "--no-codecs"]) == 0  # its split, from flat data
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["split"] == "val" and str(data) in scored["data"]
+    assert main(["train", "--resume", "--out-dir", str(out), "--max-steps", "6", "--sample-bytes", "0",
+                 "--model", "dropout=0.0"]) == 0
+    saved = json.loads((out / "run.json").read_text())["train"]
+    assert saved["optimizer"]["name"] == "adamw" and saved["data"]["batch_size"] == 2
+    assert saved["schedule"]["max_steps"] == 6
+    assert saved["model"]["overrides"] == {"max_seq_len": 256, "dropout": 0.0}
+
+
+def test_config_files_flat_and_sectioned(tmp_path):
+    """--config FILE: a flat dict (as written before the sections), a run.json's "train", or the sectioned form; each
+    to the same config, which round-trips through its dict; an unknown field or a wrong type is one clear error."""
+    flat = {"preset": "tiny", "lr": 1e-3, "data": ["a.txt"], "optimizer": "adamw", "max_steps": 7, "model": {
+        "patch_size": 4}, "lora_rank": 3}
+    with pytest.raises(ConfigError, match=r"^unknown train config field\(s\): 'lora_rank'; known: out_dir, "):
+        TrainConfig.from_dict(flat)
+    del flat["lora_rank"]
+    cfg = TrainConfig.from_dict(flat)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.data.paths, cfg.schedule.max_steps) == ("adamw", 1e-3,
+                                                                                                 ["a.txt"], 7)
+    assert cfg.model == ModelSection(type="megabyte", preset="tiny", overrides={"patch_size": 4})
+    assert cfg.optimizer.weight_decay == 0.1  # a section given in part keeps the defaults for the rest
+    sectioned = cfg.to_dict()
+    assert sectioned["optimizer"]["lr"] == 1e-3 and "lr" not in sectioned
+    assert TrainConfig.from_dict(json.loads(json.dumps(sectioned))) == cfg == TrainConfig.flat(**flat)
+    assert TrainConfig.from_dict({"model": {"preset": "tiny"}, "schedule": {"max_steps": 7}}).schedule.max_steps == 7
+    # `bytelm eval` reads a run's data settings alone, from a training run's or a fine-tune's, flat or sectioned
+    assert TrainConfig.section_of({"base": "b", "lora_rank": 2, "val_fraction": 0.2}, "data").val_fraction == 0.2
+    assert TrainConfig.section_of(sectioned, "data") == cfg.data == TrainConfig.section_of(flat, "data")
+    with pytest.raises(ConfigError, match=r"^unknown train config field\(s\): 'optimizer.rate'; known: "
+                                          r"optimizer.name, optimizer.lr"):
+        TrainConfig.from_dict({"optimizer": {"rate": 1.0}})
+    with pytest.raises(ConfigError, match=r"^train config field max_steps must be int, got '7' \(str\)$"):
+        TrainConfig.from_dict({"max_steps": "7"})
+    with pytest.raises(ConfigError, match=r"^train config field schedule.max_steps must be int, got '7' \(str\)$"):
+        TrainConfig.from_dict({"schedule": {"max_steps": "7"}})
+    with pytest.raises(ConfigError, match="optimizer.lr and lr are the same setting"):
+        TrainConfig.from_dict({"lr": 1.0, "optimizer": {"lr": 2.0}})
+    with pytest.raises(ConfigError, match="parallel must be one of ddp, fsdp, got 'zero'"):
+        TrainConfig.flat(parallel="zero")
+    with pytest.raises(ConfigError, match="fsdp_local must be one of shard, root, got 'leaf'"):
+        TrainConfig.from_dict({"parallel": {"fsdp_local": "leaf"}})
+    # a fine-tune's flat settings held TrainConfig's model fields, empty; its own defaults fill what is not given
+    tune = FinetuneConfig.from_dict({"base": "b", "model_type": "", "preset": "", "model": {}, "lora_rank": 4,
+                                     "lr": 2e-3})
+    assert (tune.lora.rank, tune.optimizer.name, tune.optimizer.lr, tune.schedule.max_steps) == (4, "adamw", 2e-3, 300)
+    assert FinetuneConfig.from_dict(tune.to_dict()) == tune
+    with pytest.raises(ConfigError, match="model_type, preset and model do not apply"):
+        FinetuneConfig.from_dict({"base": "b", "preset": "tiny"})
+
+
+def test_cli_config_file_flat_and_sectioned(tmp_path):
+    """`--config FILE` over flat and sectioned files alike, flags over either; the parse builds the config."""
+    from bytelm.cli.runconfig import parse_run_config
+
+    flat, sectioned = tmp_path / "flat.json", tmp_path / "sectioned.json"
+    flat.write_text(json.dumps({"preset": "tiny", "lr": 1e-3, "batch_size": 3, "model": {"patch_size": 4}}))
+    sectioned.write_text(json.dumps({"train": TrainConfig.from_dict(json.loads(flat.read_text())).to_dict()}))
+    for path in (flat, sectioned):
+        cfg, resume = parse_run_config(TrainConfig, ["--config", str(path), "--lr", "2e-3", "--model", "dropout=0.1"],
+                                       "bytelm train", "", "")
+        assert (cfg.optimizer.lr, cfg.data.batch_size, cfg.model.preset, resume) == (2e-3, 3, "tiny", False)
+        assert cfg.model.overrides == {"patch_size": 4, "dropout": 0.1}
+        assert cfg.out_dir == "runs/megabyte-tiny"  # named after the model the flags and file make
 
 
 @pytest.mark.parametrize(

@@ -202,8 +202,8 @@ def test_checkpoint_files_honour_the_umask(tmp_path):
     data.write_bytes(bytes(range(256)) * 40)
     old = os.umask(0o027)
     try:
-        train(TrainConfig(preset="tiny", data=[str(data)], out_dir=str(tmp_path / "run"), seq_len=64, batch_size=2,
-                          max_steps=1, eval_batches=1, sample_bytes=0), log=lambda *_: None)
+        train(TrainConfig.flat(preset="tiny", data=[str(data)], out_dir=str(tmp_path / "run"), seq_len=64, batch_size=2,
+                               max_steps=1, eval_batches=1, sample_bytes=0), log=lambda *_: None)
     finally:
         os.umask(old)
     files = [f for f in (tmp_path / "run").rglob("*") if f.is_file() and f.suffix != ".png"]
@@ -216,8 +216,8 @@ def test_checkpoint_is_fsynced_before_latest_moves(tmp_path, monkeypatch):
 
     data = tmp_path / "data.txt"
     data.write_bytes(bytes(range(256)) * 40)
-    cfg = TrainConfig(preset="tiny", data=[str(data)], out_dir=str(tmp_path / "run"), seq_len=64, batch_size=2,
-                      max_steps=2, eval_batches=1, sample_bytes=0, log_interval=100)
+    cfg = TrainConfig.flat(preset="tiny", data=[str(data)], out_dir=str(tmp_path / "run"), seq_len=64, batch_size=2,
+                           max_steps=2, eval_batches=1, sample_bytes=0, log_interval=100)
     trainer = Trainer(cfg, log=lambda *_: None)
     events = []
     real_fsync, real_replace = os.fsync, os.replace

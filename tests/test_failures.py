@@ -188,8 +188,9 @@ def test_a_bad_step_is_skipped_and_training_goes_on(trained, tmp_path):
     # one non-finite step (a bad batch) is skipped, makes no update, and the run ends well
     from bytelm.training import TrainConfig, Trainer
 
-    cfg = TrainConfig.from_dict({**json.loads((trained / "run.json").read_text())["train"],
-                                 "out_dir": str(tmp_path / "r"), "max_steps": 4, "save_interval": 4})
+    saved = TrainConfig.from_dict(json.loads((trained / "run.json").read_text())["train"])
+    cfg = TrainConfig.flat(**{**saved.flat_settings(), "out_dir": str(tmp_path / "r"), "max_steps": 4,
+                              "save_interval": 4})
     t = Trainer(cfg, log=lambda *_: None)
     real, n = t.forward, []
 

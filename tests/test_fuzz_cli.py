@@ -199,6 +199,18 @@ def test_eval_flags(place):
     check()
 
 
+Flag = collections.namedtuple("Flag", "name type")  # as argv_from reads a dataclass field
+
+
+def run_flags(config_cls) -> list[Flag]:
+    """Every flag of a run config (its flat names, across its sections) with its field's type."""
+    out = []
+    for name, (section, field) in config_cls.flat_names().items():
+        owner = config_cls if section is None else config_cls.sections()[section]
+        out.append(Flag(name, owner.field_types()[field]))
+    return out
+
+
 # a bounded train: the flags that set how much work a run does are drawn from small ranges; every other flag of
 # TrainConfig gets anything
 BOUNDED = {"max_steps": st.sampled_from(["1", "2"]), "grad_accum": st.sampled_from(["1", "2", "0", "-1"]),
@@ -212,7 +224,7 @@ def train_argv(draw, place, out: Path):
 
     skip = {"model", "model_type", "preset", "data", "out_dir", "max_steps", "config", "resume", "compile", "device",
             "precision"}
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in skip]
+    fields = [f for f in run_flags(TrainConfig) if f.name not in skip]
     special = {**BOUNDED}
     base = ["--preset", "tiny", "--model", "max_seq_len=64", "--data", str(place / "data"), "--out-dir", str(out),
             "--max-steps", draw(BOUNDED["max_steps"]), "--precision", "fp32", "--eval-batches", "1"]
@@ -279,7 +291,7 @@ def test_train_config_dicts(tmp_path):
     """TrainConfig.from_dict of anything: a config or a ConfigError, nothing else."""
     from bytelm.training import TrainConfig
 
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    names = [*TrainConfig.flat_names(), *TrainConfig.sections()]
 
     @FUZZ
     @given(st.dictionaries(st.sampled_from(names) | st.text(max_size=5), JSON, max_size=5))

@@ -73,9 +73,9 @@ def test_checkpoint_card_records_the_runs_validation_bpb(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py", data / "argparse.py")
-    trainer = Trainer(TrainConfig(preset="tiny", data=[str(data)], out_dir=str(tmp_path / "run"), seq_len=64,
-                                  batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1,
-                                  save_interval=4, sample_bytes=0, val_fraction=0.2), log=lambda *_: None)
+    trainer = Trainer(TrainConfig.flat(preset="tiny", data=[str(data)], out_dir=str(tmp_path / "run"), seq_len=64,
+                                       batch_size=2, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1,
+                                       save_interval=4, sample_bytes=0, val_fraction=0.2), log=lambda *_: None)
     trainer.run()
     card = ModelCard.load(tmp_path / "run" / "checkpoints" / "step-0000004" / "README.md")
     [result] = card.data.eval_results

@@ -106,9 +106,9 @@ def test_the_trainer_with_activation_checkpointing_takes_the_same_step(tmp_path)
     data.write_bytes(bytes(torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(3)).tolist()))
     results = []
     for checkpointing in (False, True):
-        cfg = TrainConfig(preset="tiny", data=[str(data)], out_dir=str(tmp_path / f"run-{checkpointing}"), seq_len=125,
-                          batch_size=2, max_steps=2, warmup_steps=1, precision="fp32", sample_bytes=0,
-                          activation_checkpointing=checkpointing)
+        cfg = TrainConfig.flat(preset="tiny", data=[str(data)], out_dir=str(tmp_path / f"run-{checkpointing}"),
+                               seq_len=125, batch_size=2, max_steps=2, warmup_steps=1, precision="fp32", sample_bytes=0,
+                               activation_checkpointing=checkpointing)
         t = Trainer(cfg, log=lambda *_: None)
         calls = []
         if checkpointing:

@@ -50,8 +50,8 @@ def corpora(tmp_path_factory) -> tuple[Path, Path]:
 def base_run(corpora, tmp_path_factory) -> Path:
     """A tiny MEGABYTE trained for 100 steps on code."""
     out = tmp_path_factory.mktemp("base") / "run"
-    Trainer(TrainConfig(preset="tiny", data=[str(corpora[0])], out_dir=str(out), max_steps=100, warmup_steps=10,
-                        lr=3e-3, eval_interval=100, save_interval=100, **COMMON), log=quiet).run()
+    Trainer(TrainConfig.flat(preset="tiny", data=[str(corpora[0])], out_dir=str(out), max_steps=100, warmup_steps=10,
+                             lr=3e-3, eval_interval=100, save_interval=100, **COMMON), log=quiet).run()
     return out
 
 
@@ -59,8 +59,8 @@ def base_run(corpora, tmp_path_factory) -> Path:
 def finetuned(base_run, corpora, tmp_path_factory):
     """That base fine-tuned with LoRA for 30 steps on prose: (trainer, run folder)."""
     out = tmp_path_factory.mktemp("ft") / "run"
-    cfg = FinetuneConfig(base=str(base_run), data=[str(corpora[1])], out_dir=str(out), max_steps=30, warmup_steps=5,
-                         lr=1e-2, eval_interval=15, save_interval=15, **COMMON)
+    cfg = FinetuneConfig.flat(base=str(base_run), data=[str(corpora[1])], out_dir=str(out), max_steps=30,
+                              warmup_steps=5, lr=1e-2, eval_interval=15, save_interval=15, **COMMON)
     trainer = FinetuneTrainer(cfg, log=quiet)
     trainer.run()
     return trainer, out
@@ -205,9 +205,9 @@ def test_peft_loads_the_runs_adapter_folder(finetuned, monkeypatch):
 
 def test_resume_equals_uninterrupted(tmp_path, corpora):
     tiny().save_pretrained(tmp_path / "base")
-    cfg = lambda name: FinetuneConfig(base=str(tmp_path / "base"), data=[str(corpora[1])],  # noqa: E731
-                                      out_dir=str(tmp_path / name), max_steps=8, warmup_steps=2, lr=1e-2,
-                                      eval_interval=4, save_interval=4, **{**COMMON, "eval_batches": 1})
+    cfg = lambda name: FinetuneConfig.flat(base=str(tmp_path / "base"), data=[str(corpora[1])],  # noqa: E731
+                                           out_dir=str(tmp_path / name), max_steps=8, warmup_steps=2, lr=1e-2,
+                                           eval_interval=4, save_interval=4, **{**COMMON, "eval_batches": 1})
     a = FinetuneTrainer(cfg("a"), log=quiet)
     a.run()
     b = FinetuneTrainer(cfg("b"), log=quiet)

@@ -301,7 +301,7 @@ byte_loss(warm(x[:1, :64]), x[:1, :64]).backward()  # torch's own lazy state, be
 del warm
 base = rss("VmRSS")
 model = build(cfg).train()
-opt = make_optimizer(model, TrainConfig(preset="small"))
+opt = make_optimizer(model, TrainConfig().optimizer)
 byte_loss(model(x), x).backward()
 opt.step()  # the optimizer's moments are made here
 peak = rss("VmHWM") - base
@@ -353,10 +353,10 @@ def test_fsdp_state_shrinks_with_the_ranks_and_ddp_does_not(optimizer):
 
 def _state_of_a_step(model, optimizer):
     """A built model and its optimizer after one step: (param, [its optimizer state tensors shaped like it])."""
-    from bytelm.training import TrainConfig
+    from bytelm.training.config import OptimizerSection
     from bytelm.training.optim import make_optimizer
 
-    opt = make_optimizer(model, TrainConfig(optimizer=optimizer))
+    opt = make_optimizer(model, OptimizerSection(name=optimizer))
     model.loss(torch.randint(0, 256, (1, 64))).backward()
     opt.step()
     parts = opt.parts.values() if hasattr(opt, "parts") else [opt]

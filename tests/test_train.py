@@ -18,7 +18,7 @@ def tiny_cfg(tmp_path, code_dir, **kw) -> TrainConfig:
     base = dict(preset="tiny", data=[str(code_dir)], out_dir=str(tmp_path / "run"), seq_len=128, batch_size=4,
                 max_steps=8, warmup_steps=2, log_interval=2, eval_interval=4, eval_batches=2, save_interval=4,
                 sample_bytes=0, val_fraction=0.1, precision="fp32")  # fp32: these tests compare updates exactly
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.flat(**{**base, **kw})
 
 
 def weights(model):
@@ -38,7 +38,7 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cfg = TrainConfig.flat(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
@@ -48,7 +48,7 @@ def test_lr_schedule():
 
 def test_lr_schedule_ends_with_the_time_budget():
     # 100 s of budget with room for 10,000 steps: the time budget ends first, so the cosine follows the clock
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=10_000, min_lr_ratio=0.1, time_budget=100)
+    cfg = TrainConfig.flat(lr=1.0, warmup_steps=10, max_steps=10_000, min_lr_ratio=0.1, time_budget=100)
     assert lr_at(20, cfg, elapsed=50.0) == pytest.approx(0.55)
     assert lr_at(30, cfg, elapsed=100.0) == pytest.approx(0.1)
     assert lr_at(5, cfg, elapsed=99.0) == pytest.approx(0.6)  # warm-up is warm-up
@@ -57,20 +57,20 @@ def test_lr_schedule_ends_with_the_time_budget():
 
 
 def test_wsd_schedule():
-    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    cfg = TrainConfig.flat(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
     assert [lr_at(s, cfg) for s in (10, 50, 90)] == [1.0, 1.0, 1.0]  # stable until 80% of the way
     assert lr_at(100, cfg) == pytest.approx(0.5) and lr_at(110, cfg) == pytest.approx(0.0)
-    timed = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10_000, min_lr_ratio=0.0, schedule="wsd", time_budget=10)
+    timed = TrainConfig.flat(lr=1.0, warmup_steps=0, max_steps=10_000, min_lr_ratio=0.0, schedule="wsd", time_budget=10)
     assert lr_at(50, timed, elapsed=9.0) == pytest.approx(0.5)
     with pytest.raises(bytelm.ConfigError, match="schedule must be one of cosine, wsd"):
-        TrainConfig(schedule="linear")
+        TrainConfig.flat(schedule="linear")
 
 
 def test_a_time_budgeted_run_ends_with_its_learning_rate_decayed(tmp_path, code_dir):
     # no --max-steps: with a time budget the budget alone ends the run (and its schedule)
     cfg = tiny_cfg(tmp_path, code_dir, max_steps=0, warmup_steps=2, time_budget=3.0, log_interval=1,
                    eval_interval=100_000, save_interval=100_000, lr=1e-3, min_lr_ratio=0.1)
-    assert cfg.step_limit is None and TrainConfig().step_limit == 600 and TrainConfig(max_steps=7).step_limit == 7
+    assert cfg.step_limit is None and TrainConfig().step_limit == 600 and TrainConfig.flat(max_steps=7).step_limit == 7
     Trainer(cfg, log=lambda *_: None).run()
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv")) if r["split"] == "train"]
     lrs = [float(r["lr"]) for r in rows]
@@ -89,7 +89,7 @@ def test_loss_goes_down_on_real_code(tmp_path, code_dir):
     assert rows[0] == "step,split,loss,bpb,lr,bytes_per_s,elapsed_s" and len(rows) == 1 + 40 + 1
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["train"]["max_steps"] == 80 and run["model"]["model_type"] == "megabyte"
+    assert run["train"]["schedule"]["max_steps"] == 80 and run["model"]["model_type"] == "megabyte"
     assert "split by file" in run["data"]
 
 
@@ -137,7 +137,7 @@ def test_kill_during_checkpoint_write_leaves_previous_loadable(tmp_path, code_di
     trainer.run(until_step=4)
     good = weights(trainer.model)
 
-    import bytelm.training.checkpointing as train_mod
+    import bytelm.training.trainer as train_mod
 
     def killed(*args, **kwargs):  # the process dies after the model is written, before the optimizer state
         raise KeyboardInterrupt("killed mid-write")

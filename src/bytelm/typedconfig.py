@@ -49,6 +49,15 @@ def _check_value(t: Any, v: Any) -> tuple[bool, Any]:
     return True, v
 
 
+def checked_value(kind: str, name: str, t: Any, v: Any) -> Any:
+    """v checked against the annotation t (and an int made a float where a float belongs), or one `ConfigError`
+    naming the field."""
+    ok, out = _check_value(t, v)
+    if not ok:
+        raise ConfigError(f"{kind} config field {name} must be {_type_name(t)}, got {v!r} ({type(v).__name__})")
+    return out
+
+
 class TypedConfig:
     """Mixin for config dataclasses: `from_dict` refuses unknown fields and values of the wrong type (one
     `ConfigError` naming them), `to_dict` is what JSON files hold."""
@@ -66,22 +75,19 @@ class TypedConfig:
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
     @classmethod
-    def checked_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """d with every value checked against its field's type (ints accepted as floats); unknown fields refused."""
+    def checked_fields(cls, d: dict[str, Any], kind: str | None = None, label: str = "") -> dict[str, Any]:
+        """d with every value checked against its field's type (ints accepted as floats); unknown fields refused.
+        A section of a larger config names itself by `label` ("optimizer.") and its errors by that config's kind."""
+        kind = kind or cls.kind()
         if not isinstance(d, dict):
-            raise ConfigError(f"a {cls.kind()} config must be a JSON object, got {type(d).__name__}")
+            what = f"{kind} config field {label[:-1]}" if label else f"a {kind} config"
+            raise ConfigError(f"{what} must be a JSON object, got {type(d).__name__}")
         types_ = cls.field_types()
         unknown = sorted(set(d) - set(types_))
         if unknown:
-            raise ConfigError(f"unknown {cls.kind()} config field(s): {', '.join(map(repr, unknown))}; known: "
-                              f"{', '.join(types_)}")
-        out = {}
-        for k, v in d.items():
-            ok, out[k] = _check_value(types_[k], v)
-            if not ok:
-                raise ConfigError(f"{cls.kind()} config field {k} must be {_type_name(types_[k])}, got {v!r} "
-                                  f"({type(v).__name__})")
-        return out
+            raise ConfigError(f"unknown {kind} config field(s): {', '.join(repr(label + k) for k in unknown)}; "
+                              f"known: {', '.join(label + k for k in types_)}")
+        return {k: checked_value(kind, label + k, types_[k], v) for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):

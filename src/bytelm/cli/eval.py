@@ -7,10 +7,11 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..io import read_json_object
+from ..training.config import DataSection, TrainConfig
 from .models import ModelArg, load
 from .options import parse
 
@@ -44,15 +45,18 @@ class EvalArgs:
     json: bool = False  # print the result as JSON
 
 
-def _run_data_settings(model_path: Path) -> dict[str, Any]:
+def _run_data_settings(model_path: Path) -> DataSection:
     """The data settings of the run a model came from, when it came from one (so eval uses the same split)."""
     for candidate in (model_path / "run.json", model_path.parent.parent / "run.json"):
         if candidate.is_file():
             settings = read_json_object(candidate, UsageError).get("train", {})
             if not isinstance(settings, dict):
                 raise UsageError(f"{candidate}: \"train\" must be a JSON object of the run's settings")
-            return settings
-    return {}
+            try:  # a training run's or a fine-tune's, flat or sectioned
+                return TrainConfig.section_of(settings, "data")
+            except ConfigError as e:
+                raise UsageError(f"{candidate}: {e}") from None
+    return DataSection()
 
 
 def main(argv: list[str]) -> int:
@@ -66,10 +70,10 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"an image model scores whole images: --seq-len must be {media.seq_len:,} (one "
                          f"{media.height}x{media.width}x{media.channels} image) or left out")
     run = _run_data_settings(Path(args.adapter or args.model))
-    data = args.data or run.get("data") or None
+    data = args.data or run.paths or None
     split = args.split or ("all" if args.data else "val")
-    train, val, info = load_split(data, run.get("val_fraction", 0.05), None if media else run.get("separator"),
-                                  media, args.image_fit or run.get("image_fit", "none"), convert=True)
+    train, val, info = load_split(data, run.val_fraction, None if media else run.separator, media,
+                                  args.image_fit or run.image_fit, convert=True)
     if split == "all":
         dataset = ByteDataset(train.parts + val.parts, separator=train.separator, name="all", media=media)
         info = f"{', '.join(map(str, data)) if data else 'the embedded corpus'} ({dataset.describe()})"

@@ -124,21 +124,14 @@ def main(argv: list[str]) -> int:
 
 def _finetune(argv: list[str]) -> int:
     from ..swarm import SwarmFinetuneConfig, swarm_finetune
-    from .finetune import FinetuneArgs
     from .runconfig import parse_run_config
 
-    @dataclass
-    class SwarmFinetuneArgs(FinetuneArgs, SwarmFinetuneConfig):
-        """`bytelm finetune` through a swarm: LoRA on the local model and the global byte embedding, trained here;
-        the global blocks run on the swarm's servers, frozen, which return the gradients for their inputs."""
-
-        lora_target: str = "local"  # always local through a swarm
-
-        def __post_init__(self) -> None:  # checked once parsed (as SwarmFinetuneConfig): one line, not tyro's box
-            pass
-
-    cfg, args = parse_run_config(SwarmFinetuneConfig, SwarmFinetuneArgs, argv, "bytelm swarm finetune")
-    result = swarm_finetune(cfg, resume=args.resume)
+    cfg, resume = parse_run_config(
+        SwarmFinetuneConfig, argv, "bytelm swarm finetune",
+        "`bytelm finetune` through a swarm: LoRA on the local model and the global byte embedding, trained here; the "
+        "global blocks run on the swarm's servers, frozen, which return the gradients for their inputs.",
+        resume="continue the fine-tune in --out-dir from its latest checkpoint")
+    result = swarm_finetune(cfg, resume=resume)
     if result.get("val_bpb") is not None:
         base = result.get("base_val_bpb")
         print(f"done: step {result['step']}, validation bpb {result['val_bpb']:.3f}"

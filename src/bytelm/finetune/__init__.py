@@ -14,8 +14,8 @@ from .adapters import (
     target_modules,
     weights_fingerprint,
 )
-from .trainer import ADAPTER_DIR, FinetuneConfig, FinetuneTrainer, finetune
+from .trainer import ADAPTER_DIR, FinetuneConfig, FinetuneTrainer, LoraSection, finetune
 
-__all__ = ["ADAPTER_DIR", "TARGETS", "FinetuneConfig", "FinetuneTrainer", "LoraError", "apply_lora", "attach",
-           "check_base", "finetune", "load_adapter", "merge", "read_adapter", "save_adapter", "target_modules",
-           "weights_fingerprint"]
+__all__ = ["ADAPTER_DIR", "TARGETS", "FinetuneConfig", "FinetuneTrainer", "LoraError", "LoraSection", "apply_lora",
+           "attach", "check_base", "finetune", "load_adapter", "merge", "read_adapter", "save_adapter",
+           "target_modules", "weights_fingerprint"]

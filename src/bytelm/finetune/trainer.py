@@ -4,16 +4,22 @@ plain peft adapter folder); data, schedule, logging, metrics and exact resume ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
+
+import tyro
+from tyro.conf import Positional
 
 from ..devices import check_memory
+from ..errors import ConfigError
 from ..models import ByteLM, load_model, read_config
 from ..models.config import MAX_SIZE
-from ..training import LN2, TrainConfig, Trainer, log_line, train
+from ..training import LN2, Trainer, log_line, train
+from ..training.config import OptimizerSection, RunConfig, ScheduleSection, flag
 from ..training.memory import training_parts
 from ..training.metrics import logged_val
+from ..typedconfig import TypedConfig
 from .adapters import (
     TARGETS,
     apply_lora,
@@ -31,40 +37,58 @@ ADAPTER_DIR = "adapter"  # in a run folder: the latest checkpoint's adapter, alo
 
 
 @dataclass
-class FinetuneConfig(TrainConfig):
-    """A LoRA fine-tune: TrainConfig's data, schedule and checkpoint settings, the base model and the adapter's shape.
-    The model is the base's: model_type, preset and model stay empty. `bytelm finetune` exposes each field as a flag."""
+class LoraSection(TypedConfig):
+    """the adapters"""
+
+    target: Annotated[Literal["global", "local", "all"], flag("lora_target")] = "all"
+    """whose Linear layers get adapters: the global model's, the local model's or both (a byte transformer's one
+    stack: global = all)"""
+    rank: Annotated[int, flag("lora_rank")] = 8  # r, the rank of each update B A
+    alpha: Annotated[float, flag("lora_alpha")] = 16.0  # updates are scaled by alpha / r
+    dropout: Annotated[float, flag("lora_dropout")] = 0.0  # dropout on each adapter's input
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """A LoRA fine-tune: a run's data, optimizer, schedule, checkpoint and parallel settings, the base model and the
+    adapters' shape (the model is the base's). `bytelm finetune` exposes each field as a flag. Its defaults suit
+    adapters: they start at zero and take a high rate with AdamW, no decay (it would pull them back toward the base),
+    the local model's at the same rate, and a short run."""
+
+    base: Annotated[Positional[str], tyro.conf.arg(metavar="BASE")] = ""
+    """the model to fine-tune: a model folder, a training run folder or a hub id (org/name)"""
+    optimizer: OptimizerSection = field(default_factory=lambda: OptimizerSection(
+        name="adamw", lr=1e-3, weight_decay=0.0, local_lr_scale=1.0))
+    schedule: ScheduleSection = field(default_factory=lambda: ScheduleSection(max_steps=300, warmup_steps=20))
+    lora: LoraSection = field(default_factory=LoraSection)
 
     _kind: ClassVar[str] = "finetune"
 
-    model_type: str = ""  # unused: the base's
-    preset: str = ""  # unused: the base's
-    out_dir: str = ""  # run folder; empty: runs/<the base's name>-lora
-    base: str = ""  # the model to fine-tune: a model folder, a training run folder or a hub id (org/name)
-    lora_target: str = "all"  # global | local | all: whose Linear layers get adapters (a transformer: global = all)
-    lora_rank: int = 8  # r, the rank of each update B A
-    lora_alpha: float = 16.0  # updates are scaled by alpha / r
-    lora_dropout: float = 0.0  # dropout on each adapter's input
-    max_steps: int = 300  # also the length of the cosine schedule
-    lr: float = 1e-3  # peak learning rate (adapters start at zero and take a high one)
-    warmup_steps: int = 20
-    weight_decay: float = 0.0  # decay would pull the adapters back toward the base; off by default
-    local_lr_scale: float = 1.0  # the local model's adapters learn at this times lr
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' adapter matrices; not measured on adapters)
-
     def _checks(self) -> list[tuple[bool, str]]:
+        lora = self.lora
         return [
             (bool(self.base), "name the model to fine-tune (BASE: a model folder, run folder or hub id)"),
-            (not (self.model_type or self.preset or self.model),
-             "model_type, preset and model do not apply: the model is the base's"),
-            (self.lora_target in TARGETS, f"lora_target must be one of {', '.join(TARGETS)}"),
-            (1 <= self.lora_rank <= MAX_SIZE, "lora_rank must be in 1..2**31 - 1"),
-            (0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
-            *self._schedule_checks(),
+            (lora.target in TARGETS, f"lora_target must be one of {', '.join(TARGETS)}"),
+            # the base is frozen and only the adapters train: their state is small, and DDP replicates it cheaply
+            (self.parallel.strategy == "ddp", "a LoRA fine-tune runs under --parallel ddp (fsdp shards a model "
+                                              "being trained whole; an adapter's state is small)"),
+            (1 <= lora.rank <= MAX_SIZE, "lora_rank must be in 1..2**31 - 1"),
+            (0.0 <= lora.dropout < 1.0, "lora_dropout must be in [0, 1)"),
+            (lora.alpha > 0, f"lora_alpha must be > 0, got {lora.alpha}"),
+            *self._run_checks(),
         ]
 
-    def _default_out_dir(self) -> str:
+    @classmethod
+    def _checked(cls, d: dict[str, Any], saved_run: bool) -> dict[str, Any]:
+        # a flat fine-tune config (every run.json and --config file before the sections) holds TrainConfig's model
+        # fields, empty: the model is the base's
+        unused = {k: d[k] for k in ("model_type", "preset", "model") if isinstance(d, dict) and k in d}
+        if any(unused.values()):
+            raise ConfigError(f"{cls.kind()} config: model_type, preset and model do not apply: the model is the "
+                              "base's")
+        return super()._checked({k: v for k, v in d.items() if k not in unused} if unused else d, saved_run)
+
+    def default_out_dir(self) -> str:
         p = Path(self.base)
         if p.parent.name == "checkpoints":  # runs/x/checkpoints/step-N: name it after the run
             p = p.parent.parent
@@ -86,10 +110,11 @@ class FinetuneTrainer(Trainer):
 
     def memory_parts(self) -> list[tuple[str, int]]:
         """Trainer's estimate for the base frozen and only its adapters trained (checked before the base is loaded)."""
-        cfg = self.cfg
-        lora = (target_modules(self.model_config, cfg.lora_target), cfg.lora_rank, cfg.lora_dropout)
-        return training_parts(self.model_config, cfg.batch_size, self.seq_len, cfg.optimizer, cfg.precision,
-                              self.device, cfg.activation_checkpointing, self.env.distributed, lora)
+        cfg, lora = self.cfg, self.cfg.lora
+        adapters = (target_modules(self.model_config, lora.target), lora.rank, lora.dropout)
+        return training_parts(self.model_config, cfg.data.batch_size, self.seq_len, cfg.optimizer.name,
+                              cfg.parallel.precision, self.device, cfg.parallel.activation_checkpointing,
+                              self.env.distributed, adapters)
 
     def check_memory(self) -> None:
         parts = self.memory_parts()
@@ -102,14 +127,14 @@ class FinetuneTrainer(Trainer):
         self.base_ref = base_reference(cfg.base)
         self.base_fingerprint = weights_fingerprint(base)
         self.base_val: float | None = None
-        self.peft_model = apply_lora(base, cfg.lora_target, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                     base=self.base_ref)
+        lora = cfg.lora
+        self.peft_model = apply_lora(base, lora.target, lora.rank, lora.alpha, lora.dropout, base=self.base_ref)
         return self.peft_model.get_base_model()  # a ByteLM (generate, loss, ...) that now holds the adapters
 
     def describe(self) -> str:
-        c, total = self.cfg, self.model.num_params()
-        return (f"LoRA on {self.model_config.model_type} {self.base_ref} (target {c.lora_target}, rank {c.lora_rank}, "
-                f"alpha {c.lora_alpha:g}): {self.trainable_params:,} trainable of {total:,} params "
+        c, total = self.cfg.lora, self.model.num_params()
+        return (f"LoRA on {self.model_config.model_type} {self.base_ref} (target {c.target}, rank {c.rank}, "
+                f"alpha {c.alpha:g}): {self.trainable_params:,} trainable of {total:,} params "
                 f"({100 * self.trainable_params / total:.2f}%)")
 
     def save_weights(self, folder: Path) -> None:
@@ -144,4 +169,4 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, log=log_line) -> dict[st
     return train(cfg, resume=resume, log=log, trainer_class=FinetuneTrainer)
 
 
-__all__ = ["FinetuneConfig", "FinetuneTrainer", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneTrainer", "LoraSection", "finetune"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import AdapterError
-from ..finetune import FinetuneConfig, FinetuneTrainer, apply_lora
+from ..finetune import FinetuneConfig, FinetuneTrainer, LoraSection, apply_lora
 from ..finetune.adapters import base_reference
 from ..models import get_spec
 from ..training import log_line, train
@@ -39,13 +39,14 @@ class SwarmFinetuneConfig(FinetuneConfig):
     swarm: str = ""  # the swarm's name in the DHT (default: derived from the base)
     verify_fraction: float = 0.0  # spot-check this fraction of the servers' forward and backward passes
     request_timeout: float = 60.0  # seconds before a server that does not answer is given up on
-    lora_target: str = "local"  # always local: the global blocks are on the servers and never change
+    # always local: the global blocks are on the servers and never change
+    lora: LoraSection = field(default_factory=lambda: LoraSection(target="local"))
     tune_embedding: bool = True  # train the global byte embedding in full (the gradient comes back through the swarm)
 
     def _checks(self) -> list[tuple[bool, str]]:
         return [*super()._checks(),
                 (bool(self.initial_peers), "name at least one peer of the swarm: --initial-peers"),
-                (self.lora_target == "local", "through a swarm only the local model is adapted: --lora-target local"),
+                (self.lora.target == "local", "through a swarm only the local model is adapted: --lora-target local"),
                 (0.0 <= self.verify_fraction <= 1.0, "verify_fraction must be in [0, 1]")]
 
 
@@ -61,7 +62,8 @@ class SwarmFinetuneTrainer(FinetuneTrainer):
         self.base_ref = base_reference(cfg.base)
         self.base_fingerprint = None  # the client holds only part of the weights: the config is checked, not these
         self.base_val = None
-        self.peft_model = swarm_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, base=self.base_ref,
+        lora = cfg.lora
+        self.peft_model = swarm_lora(base, lora.rank, lora.alpha, lora.dropout, base=self.base_ref,
                                      tune_embedding=cfg.tune_embedding)
         return self.peft_model.get_base_model()
 

@@ -45,10 +45,20 @@ BF16_ACTIVATIONS = 0.8
 
 def training_parts(model_config, batch: int, seq_len: int, optimizer: str, precision: str, device,
                    activation_checkpointing: bool = False, distributed: bool = False,
-                   lora: tuple[str, int, float] | None = None) -> list[tuple[str, int]]:
+                   lora: tuple[str, int, float] | None = None, sharded_over: int = 1) -> list[tuple[str, int]]:
     """(label, bytes) of what a training step of `batch` sequences of `seq_len` bytes holds at its peak; a label's
     `{}` is where its size goes. `lora`: (target regex, rank, dropout) of a LoRA fine-tune: the base frozen, only its
-    adapters trained."""
+    adapters trained. `sharded_over`: the ranks FSDP2 shards the model over (`state_bytes` for the weights,
+    gradients and optimizer state of one rank, and what it gathers at a step's peak)."""
+    if sharded_over > 1 and lora is None:
+        bf16 = uses_bf16(precision, device)
+        state = state_bytes(model_config, optimizer, "fsdp", sharded_over, "bf16" if bf16 else "fp32")
+        acts = training_activations(model_config, seq_len).nbytes(batch, activation_checkpointing)
+        activations = int(ACTIVATION_FACTOR * acts * (BF16_ACTIVATIONS if bf16 else 1))
+        return [("weights (this rank's shards)", state["params"]), ("gradients (shards)", state["grads"]),
+                ("optimizer (shards)", state["optimizer"]),
+                ("weights gathered at a time and Muon's scratch", state["unsharded"] + state["muon"]),
+                (f"activations {{}} for batch {batch:,} x {seq_len:,}", activations)]
     skel = skeleton(model_config)
     weights = sum(t.nbytes for t in (*skel.parameters(), *skel.buffers()))
     if lora is None:

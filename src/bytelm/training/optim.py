@@ -157,7 +157,8 @@ def _owner_orthogonalises(rows: torch.Tensor, shape: torch.Size, owner: int, ran
 
 def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...]] | None = None,
                    hidden: Callable[[str], bool] = in_blocks) -> torch.optim.Optimizer | MuonAdamW:
-    """The optimizer over the parameters that require grad: cfg.optimizer "adamw" (AdamW for all) or "muon" (Muon
+    """The optimizer over the parameters that require grad, of `cfg`, a run config's optimizer section
+    (bytelm.training.config.OptimizerSection): name "adamw" (AdamW for all) or "muon" (Muon
     for the weight matrices of the parameters named `hidden`, the transformer blocks', and AdamW for the rest).
 
     Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalises each matrix's momentum by Newton-Schulz iterations;
@@ -175,7 +176,7 @@ def make_optimizer(model: torch.nn.Module, cfg, stacks: dict[str, tuple[str, ...
     AdamW is fused (one kernel over all parameters, not one op per tensor per update term) where the device has it:
     about 3% of a CPU training step at the benchmark shape, the same update to float tolerance."""
     local = (stacks or {}).get("local", ())
-    muon = getattr(cfg, "optimizer", "adamw") == "muon"
+    muon = cfg.name == "muon"
     groups: dict[tuple[bool, bool, float], list[torch.nn.Parameter]] = {}  # (by Muon, decayed, lr scale) -> params
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -17,24 +17,27 @@ import math
 SCHEDULES = ("cosine", "wsd")
 
 
-def progress(step: int, cfg, elapsed: float = 0.0) -> float:
-    """How far past warm-up the run is, in [0, 1]: by steps, or by time when the time budget is nearer its end."""
-    limit = cfg.step_limit
-    p = 0.0 if limit is None else (step - cfg.warmup_steps) / max(1, limit - cfg.warmup_steps)
-    if cfg.time_budget > 0:
-        p = max(p, elapsed / cfg.time_budget)
+def progress(step: int, schedule, elapsed: float = 0.0) -> float:
+    """How far past warm-up the run is, in [0, 1]: by steps, or by time when the time budget is nearer its end.
+    `schedule`: a run config's (bytelm.training.config.ScheduleSection)."""
+    s, limit = schedule, schedule.step_limit
+    p = 0.0 if limit is None else (step - s.warmup_steps) / max(1, limit - s.warmup_steps)
+    if s.time_budget > 0:
+        p = max(p, elapsed / s.time_budget)
     return min(1.0, max(0.0, p))
 
 
 def lr_at(step: int, cfg, elapsed: float = 0.0) -> float:
-    """The learning rate for optimizer step `step`, `elapsed` seconds into the run (see the module docstring)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = progress(step, cfg, elapsed)
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "wsd":
-        stable_until = 1.0 - cfg.decay_fraction
+    """The learning rate for optimizer step `step`, `elapsed` seconds into the run (see the module docstring); `cfg`:
+    the run config, whose schedule shapes its optimizer's peak rate."""
+    s, lr = cfg.schedule, cfg.optimizer.lr
+    if step < s.warmup_steps:
+        return lr * (step + 1) / s.warmup_steps
+    p = progress(step, s, elapsed)
+    min_lr = lr * s.min_lr_ratio
+    if s.name == "wsd":
+        stable_until = 1.0 - s.decay_fraction
         if p <= stable_until:
-            return cfg.lr
-        return min_lr + (cfg.lr - min_lr) * (1.0 - p) / max(cfg.decay_fraction, 1e-12)
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * p))
+            return lr
+        return min_lr + (lr - min_lr) * (1.0 - p) / max(s.decay_fraction, 1e-12)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * p))

@@ -4,7 +4,7 @@
 
 A run folder (`out_dir`) describes itself:
 
-    run.json                      resolved settings (TrainConfig + model config + data split)
+    run.json                      resolved settings (the run config, in sections; model config; data split)
     metrics.csv, loss.png         one row per log/eval interval; the loss curve
     checkpoints/latest            name of the newest complete checkpoint (rewritten atomically, last)
     checkpoints/step-0000200/     config.json + model.safetensors + README.md (a loadable model folder, a Hub
@@ -48,7 +48,7 @@ from ..models.loss import LOSS_CHUNK_BYTES
 from ..nn import Block
 from . import metrics
 from .checkpointing import OPTIMIZER_NAME, check_trainer_state, read_checkpoint, set_aside_later, write_checkpoint
-from .config import TrainConfig
+from .config import RunConfig
 from .memory import map_large_allocations, training_parts
 from .optim import make_optimizer, optimizer_state, optimizer_tensors, state_shape_problems
 from .parallel import ParallelEnv, full, local, no_sync, shard_model, wrap_model
@@ -86,10 +86,10 @@ def with_media(config, media: Media, fixed_len: bool):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=log_line) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = False, log=log_line) -> None:
         self.cfg, self.log_fn = cfg, log
         self.out = Path(cfg.out_dir)
-        self.env = ParallelEnv.from_environment(resolve_device(cfg.device))
+        self.env = ParallelEnv.from_environment(resolve_device(cfg.parallel.device))
         self.device, self.rank, self.world, self.master = self.env.device, self.env.rank, self.env.world, \
             self.env.master
 
@@ -98,38 +98,41 @@ class Trainer:
         # what the data is (images, audio, bytes), from file names and one header: the model and the sequence
         # length follow from it, and the memory check comes before any image or clip is decoded
         self.media, convert = self.data_media()
-        self.model_config = with_media(cfg.model_config(), self.media, "max_seq_len" in cfg.model)
+        self.model_config = with_media(cfg.model_config(), self.media, "max_seq_len" in cfg.model_overrides)
         self.seq_len = self.sequence_length()
         self.check_memory()  # before the data is read and the model built: refuse what the device cannot hold
-        self.train_data, self.val_data, self.split_info = load_split(cfg.data or None, cfg.val_fraction, cfg.separator,
-                                                                     self.media, cfg.image_fit, convert)
-        self.sampler = WindowSampler(self.train_data, self.seq_len, cfg.batch_size, cfg.seed, self.rank, self.world)
+        data = cfg.data
+        self.train_data, self.val_data, self.split_info = load_split(data.paths or None, data.val_fraction,
+                                                                     data.separator, self.media, data.image_fit,
+                                                                     convert)
+        self.sampler = WindowSampler(self.train_data, self.seq_len, data.batch_size, cfg.seed, self.rank, self.world)
         WindowSampler(self.val_data, self.seq_len, 1, 0)  # fail now, with a clear message, if val is too short
 
         torch.manual_seed(cfg.seed)
         self.model: ByteLM = self.build_model().to(self.device)
         stacks = get_spec(self.model_config.model_type).stacks
         # the order torchtitan applies them in: activation checkpointing, then compiling, then sharding or DDP
-        if cfg.activation_checkpointing:
+        par = cfg.parallel
+        if par.activation_checkpointing:
             enable_activation_checkpointing(self.model)
             if self.device.type == "cpu":  # chunk after chunk of the same tensors: keep glibc from hoarding them
                 map_large_allocations()
-        self.fsdp = cfg.parallel == "fsdp"
-        self.autocast = autocast_for(cfg.precision, self.device)
+        self.fsdp = par.strategy == "fsdp"
+        self.autocast = autocast_for(par.precision, self.device)
         if self.fsdp:  # sharded in place; each block compiled (no eager fallback: a failure is an error)
-            bf16 = uses_bf16(cfg.precision, self.device)
-            shard_model(self.model, self.env, stacks.get("local", ()), cfg.fsdp_local, bf16, cfg.compile)
+            bf16 = uses_bf16(par.precision, self.device)
+            shard_model(self.model, self.env, stacks.get("local", ()), par.fsdp_local, bf16, par.compile)
             if bf16 and self.env.distributed:  # FSDP's policy computes in bf16 and reduces in fp32: no autocast
                 self.autocast = contextlib.nullcontext()
             self.eager_forward = self.forward = self.model
         else:
             self.eager_forward = self.forward = wrap_model(self.model, self.env)
         # compiled on its first call (the first micro-step); a failure there falls back to eager (`_micro_step`)
-        self.compile_pending = cfg.compile and not self.fsdp
+        self.compile_pending = par.compile and not self.fsdp
         if self.compile_pending:
             self.forward = torch.compile(self.forward)
         # the parameters that require grad: all, or a LoRA's; per-stack learning rates from the model type's spec
-        self.optimizer = make_optimizer(self.model, cfg, stacks)
+        self.optimizer = make_optimizer(self.model, cfg.optimizer, stacks)
         self.step, self.elapsed, self.bytes_seen, self.lr = 0, 0.0, 0, 0.0
         self.bad_steps = 0  # non-finite steps in a row (skipped)
         self.save_due = False  # a checkpoint put off by a non-finite step
@@ -151,11 +154,11 @@ class Trainer:
         """Bytes per training sequence: one whole image; else --seq-len, or the model's max_seq_len."""
         cfg, media, max_len = self.cfg, self.media, self.model_config.max_seq_len
         if isinstance(media, ImageFormat):
-            if cfg.seq_len not in (0, media.seq_len):
+            if cfg.data.seq_len not in (0, media.seq_len):
                 raise ConfigError(f"an image model trains on whole images: seq_len must be {media.seq_len:,} "
-                                  f"({media.height}x{media.width}x{media.channels}) or 0, got {cfg.seq_len:,}")
+                                  f"({media.height}x{media.width}x{media.channels}) or 0, got {cfg.data.seq_len:,}")
             return media.seq_len
-        seq_len = cfg.seq_len or max_len
+        seq_len = cfg.data.seq_len or max_len
         if seq_len > max_len:
             raise ConfigError(f"seq_len {seq_len} exceeds the model's max_seq_len {max_len}; raise it with --model "
                               "max_seq_len=N")
@@ -172,14 +175,16 @@ class Trainer:
     def data_media(self) -> tuple[Media, bool]:
         """What the data is (bytelm.data.media; None: bytes) and whether its shape was stated (then images are
         converted to its channels and clips resampled to its rate)."""
-        c = self.cfg
-        return resolve_media(c.data or None, c.modality, c.image_size, c.sample_rate, c.sample_format)
+        d = self.cfg.data
+        return resolve_media(d.paths or None, d.modality, d.image_size, d.sample_rate, d.sample_format)
 
     def memory_parts(self) -> list[tuple[str, int]]:
         """(label, bytes) of what a training step holds at its peak (bytelm.training.memory)."""
         cfg = self.cfg
-        return training_parts(self.model_config, cfg.batch_size, self.seq_len, cfg.optimizer, cfg.precision,
-                              self.device, cfg.activation_checkpointing, self.env.distributed)
+        sharded_over = self.env.world if cfg.parallel.strategy == "fsdp" else 1
+        return training_parts(self.model_config, cfg.data.batch_size, self.seq_len, cfg.optimizer.name,
+                              cfg.parallel.precision, self.device, cfg.parallel.activation_checkpointing,
+                              self.env.distributed and sharded_over == 1, sharded_over=sharded_over)
 
     def check_memory(self) -> None:
         """Refuse (`MemoryLimitError`, with the estimate) a run whose model, optimizer and batch cannot fit."""
@@ -192,7 +197,7 @@ class Trainer:
         return build(self.model_config)
 
     def describe(self) -> str:
-        return f"{self.model_config.model_type} {self.cfg.preset}: {self.model.num_params():,} params"
+        return f"{self.model_config.model_type} {self.cfg.model.preset}: {self.model.num_params():,} params"
 
     def save_weights(self, folder: Path) -> None:
         """Write what the run trains into a checkpoint folder: here a whole model folder."""
@@ -251,7 +256,7 @@ class Trainer:
     def estimate_val(self) -> float:
         """Mean loss (nats/byte) over eval_batches fixed random validation windows: the same windows every time."""
         self.model.eval()
-        sampler = WindowSampler(self.val_data, self.seq_len, self.cfg.batch_size, seed=0)
+        sampler = WindowSampler(self.val_data, self.seq_len, self.cfg.data.batch_size, seed=0)
         losses = []
         for _ in range(self.cfg.eval_batches):
             x = sampler.next_batch().to(self.device)
@@ -265,13 +270,13 @@ class Trainer:
         if not self.env.agree(self.model_finite()):  # never let `latest` move to a broken model
             raise TrainingDiverged(f"training diverged at step {self.step}: the updated weights are not finite or "
                                    f"give a non-finite loss; not saved. {self.kept_checkpoint()} Try a lower --lr "
-                                   f"(it is {self.cfg.lr:g}).")
+                                   f"(it is {self.cfg.optimizer.lr:g}).")
         state = {"step": self.step, "elapsed": self.elapsed, "bytes_seen": self.bytes_seen,
                  "sampler": self.sampler.state_dict(), "last_val": self.last_val, "processes": self.world,
-                 "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.world,
+                 "global_batch": self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world,
                  "bytelm_version": __version__}
         if self.fsdp:  # every rank writes its shards; rank 0 the whole model beside them
-            full = full_model_state(self.model) if self.cfg.consolidate else None  # (collective)
+            full = full_model_state(self.model) if self.cfg.checkpointing.consolidate else None  # (collective)
 
             def write_files(folder: Path) -> None:
                 save_sharded(folder, self.model, self.optimizer)
@@ -279,8 +284,8 @@ class Trainer:
                     self.save_whole(folder, full)
 
             return write_checkpoint(self.out / "checkpoints", self.step, write_files,
-                                    {**state, "optimizer": {"format": "sharded"}}, self.cfg.keep_checkpoints,
-                                    self.env)
+                                    {**state, "optimizer": {"format": "sharded"}},
+                                    self.cfg.checkpointing.keep_checkpoints, self.env)
         if not self.master:
             return None
         tensors, meta = optimizer_tensors(self.optimizer)
@@ -291,7 +296,7 @@ class Trainer:
             save_file(tensors, folder / OPTIMIZER_NAME)
 
         return write_checkpoint(self.out / "checkpoints", self.step, write_files, {**state, "optimizer": meta},
-                                self.cfg.keep_checkpoints)
+                                self.cfg.checkpointing.keep_checkpoints)
 
     def save_whole(self, folder: Path, state: dict[str, torch.Tensor] | None) -> None:
         """A sharded checkpoint's model folder: its config.json, and with `state` (the whole weights, gathered to
@@ -322,7 +327,7 @@ class Trainer:
         processes = state.get("processes", self.world)
         moved = f", written by {processes} process{'es' if processes > 1 else ''}" if processes != self.world else ""
         self.log(f"resumed {self.out} at step {self.step} ({ckpt.name}{moved})")
-        windows = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        windows = self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world
         if state.get("global_batch", windows) != windows:  # the sampler draws the global batch: it must stay
             self.log(f"warning: the global batch was {state['global_batch']} windows and is now {windows} "
                      f"(batch_size x grad_accum x processes): the run goes on, but not as it would have; keep "
@@ -381,23 +386,23 @@ class Trainer:
 
     @property
     def batch_bytes(self) -> int:
-        return self.cfg.batch_size * self.cfg.grad_accum * self.world * self.seq_len
+        return self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world * self.seq_len
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (nats/byte) on this process."""
-        cfg = self.cfg
-        elapsed = self.env.shared(self.elapsed) if cfg.time_budget > 0 else self.elapsed  # one lr on every rank
+        cfg, clip = self.cfg, self.cfg.optimizer.grad_clip
+        elapsed = self.env.shared(self.elapsed) if cfg.schedule.time_budget > 0 else self.elapsed  # one lr, all ranks
         lr = self.lr = lr_at(self.step, cfg, elapsed)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         total = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.data.grad_accum):
             x = self.last_batch = self.sampler.next_batch().to(self.device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1  # all-reduce gradients once, on the last micro-step
+            sync = micro == cfg.data.grad_accum - 1  # all-reduce gradients once, on the last micro-step
             total += self._micro_step(x, sync)
         params = [p for p in self.model.parameters() if p.grad is not None]
         # the gradient norm, clipped to grad_clip (0: only measured, for the check below)
-        norm = full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        norm = full(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
         # the norm is of the all-reduced gradients, the same on every rank; rank 0 decides for all
         if self.env.agree(not (math.isfinite(total) and math.isfinite(norm))):
             self._skip_bad_step(total, float(norm))
@@ -416,12 +421,12 @@ class Trainer:
         self.bad_steps += 1
         what = f"step {self.step + 1}: loss {loss:.4g}, gradient norm {norm:.4g}"
         broken = not self.weights_finite()
-        if broken or self.bad_steps > self.cfg.max_bad_steps:
+        if broken or self.bad_steps > self.cfg.optimizer.max_bad_steps:
             why = "the weights are no longer finite" if broken else f"{self.bad_steps} steps in a row were not finite"
             raise TrainingDiverged(f"training diverged at {what}: {why}; stopped without saving. "
-                                   f"{self.kept_checkpoint()} Try a lower --lr (it is {self.cfg.lr:g}).")
+                                   f"{self.kept_checkpoint()} Try a lower --lr (it is {self.cfg.optimizer.lr:g}).")
         self.log(f"warning: {what}: not finite, update skipped ({self.bad_steps} of at most "
-                 f"{self.cfg.max_bad_steps} in a row)")
+                 f"{self.cfg.optimizer.max_bad_steps} in a row)")
 
     def weights_finite(self) -> bool:
         """Whether every trained weight is finite (on every rank: a sharded model's ranks each check their shards;
@@ -455,7 +460,7 @@ class Trainer:
             with no_sync(self.forward, sync), self.autocast:
                 # the model's own loss: chunked with activation checkpointing (never the whole logits at once), and
                 # with the gradient of any part that learns on a loss of its own (dynamic patching's entropy model)
-                loss = self.forward(x, loss="mean") / self.cfg.grad_accum
+                loss = self.forward(x, loss="mean") / self.cfg.data.grad_accum
             loss.backward()
         except Exception as e:
             if not self.compile_pending:
@@ -473,7 +478,7 @@ class Trainer:
         cfg = self.cfg
         self.write_run_info()
         self.log(f"bytelm {__version__} | {self.describe()} | seq_len {self.seq_len} | global batch "
-                 f"{cfg.batch_size}x{cfg.grad_accum}x{self.world} windows ({self.batch_bytes:,} bytes) | "
+                 f"{cfg.data.batch_size}x{cfg.data.grad_accum}x{self.world} windows ({self.batch_bytes:,} bytes) | "
                  f"device {self.device} | {self.split_info}")
         if self.sampler.skipped:
             self.log(f"note: {self.sampler.skipped:,} training clip(s) shorter than seq_len {self.seq_len:,} are never "
@@ -493,7 +498,7 @@ class Trainer:
             losses.append(self.train_step())
             self.elapsed = elapsed0 + time.perf_counter() - t_start
             bar.update(1)
-            out_of_time = cfg.time_budget > 0 and self.env.agree(self.elapsed >= cfg.time_budget)
+            out_of_time = cfg.schedule.time_budget > 0 and self.env.agree(self.elapsed >= cfg.schedule.time_budget)
             last = self.step == stop or out_of_time
             if self.step % cfg.log_interval == 0 or last:
                 now = time.perf_counter()
@@ -515,17 +520,17 @@ class Trainer:
             if self.bad_steps and last:
                 raise TrainingDiverged(f"the run ended at step {self.step} on {self.bad_steps} non-finite step(s) in "
                                        f"a row; its last weights were not saved. {self.kept_checkpoint()}")
-            if self.step % cfg.save_interval == 0 or last:
+            if self.step % cfg.checkpointing.save_interval == 0 or last:
                 self.save_due = True
                 if self.bad_steps:
                     self.log(f"step {self.step}: no checkpoint after a non-finite step; the next finite one saves")
             if self.save_due and not self.bad_steps:
                 self.save_checkpoint()
                 self.save_due = False
-            if self.step % cfg.eval_interval == 0 or self.step % cfg.save_interval == 0:
+            if self.step % cfg.eval_interval == 0 or self.step % cfg.checkpointing.save_interval == 0:
                 t_last = time.perf_counter()  # keep evaluation and saving out of the next bytes/s figure
             if out_of_time:
-                self.log(f"time budget of {cfg.time_budget:.0f}s reached at step {self.step}")
+                self.log(f"time budget of {cfg.schedule.time_budget:.0f}s reached at step {self.step}")
                 break
         bar.close()
         if self.master:
@@ -549,7 +554,7 @@ def write_sample(model: ByteLM, media: Media, out: Path, seed: int) -> Path:
     return path
 
 
-def train(cfg: TrainConfig, resume: bool = False, log=log_line, trainer_class: type[Trainer] = Trainer
+def train(cfg: RunConfig, resume: bool = False, log=log_line, trainer_class: type[Trainer] = Trainer
           ) -> dict[str, Any]:
     """Run (or resume) a training run end to end; print a sample when it is done (an image or audio model's is
     written to the run folder). A LoRA fine-tune is the same run with another `trainer_class`
