@@ -1,3 +1,3 @@
 """The package version, in a module of its own so that any layer can read it without importing the package root."""
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
