@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -61,10 +62,10 @@ def load_sharded(folder: Path, model: torch.nn.Module, optimizer) -> None:
             dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=not dist.is_initialized())
         set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps every rank's failure in a CheckpointException
-        raise CheckpointError(f"--resume: {folder / SHARDED_DIR} does not fit this run's model and optimizer "
-                              f"({_first_line(e)}); was it written with other settings (e.g. --optimizer, "
-                              "local_lr_scale, --model)?") from None
+    except (CheckpointException, RuntimeError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"--resume: {folder / SHARDED_DIR} cannot be loaded into this run's model and "
+                              f"optimizer ({_reason(e)}); was it written with other settings (e.g. --optimizer, "
+                              "local_lr_scale, --model), or is a file of it missing?") from None
     torch.set_rng_state(state["rng"])
 
 
@@ -79,9 +80,9 @@ def load_sharded_model(folder: Path, model: torch.nn.Module) -> None:
     try:
         with _one_process_quietly():
             dcp.load(state, checkpoint_id=folder / SHARDED_DIR, no_dist=True)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{folder / SHARDED_DIR} does not fit the model of {folder / 'config.json'} "
-                              f"({_first_line(e)})") from None
+    except (CheckpointException, RuntimeError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{folder / SHARDED_DIR} cannot be loaded into the model of "
+                              f"{folder / 'config.json'} ({_reason(e)})") from None
     model.load_state_dict(state["model"])
 
 
@@ -93,7 +94,10 @@ def _one_process_quietly():
         yield
 
 
-def _first_line(e: Exception) -> str:
+def _reason(e: BaseException) -> str:
+    """The first line of what went wrong; DCP wraps each rank's failure in one CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # (exception, its traceback)
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
