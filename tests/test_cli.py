@@ -221,3 +221,19 @@ def test_bad_input_gets_one_clear_line(argv, message, tmp_path, capsys):
 
 def test_duration_parsing():
     assert parse_duration("90") == 90 and parse_duration("5m") == 300 and parse_duration("1.5h") == 5400
+
+
+@pytest.mark.parametrize("command, flags", [
+    (["train"], ["--model-type", "--preset", "--model FIELD=VALUE", "--data", "--lr", "--optimizer", "--schedule",
+                 "--time-budget DURATION", "--save-interval", "--parallel", "--fsdp-local", "--no-consolidate",
+                 "--config FILE", "--resume"]),
+    (["finetune"], ["BASE", "--lora-target", "--lora-rank", "--lr", "--max-steps", "--parallel", "--resume"]),
+])
+def test_help_lists_the_flat_flags_grouped_by_section(capsys, monkeypatch, command, flags):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(f in text for f in flags), text
+    assert "optimizer options" in text and "schedule options" in text  # a group per section
+    assert "--optimizer.lr" not in text and "--lora.rank" not in text
