@@ -202,3 +202,21 @@ def test_a_two_rank_checkpoint_resumes_on_four(runs, code_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert "written by 2 processes" in done.stdout
     assert gap(runs["one_adamw"], run) < TOL
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_is_one_clear_error(runs, code_dir, tmp_path):
+    run = rolled_back(runs["one_fsdp"], tmp_path / "run", 4)
+    with pytest.raises(CheckpointError, match="cannot be loaded .*Missing key .*momentum_buffer"):
+        run_here(settings(run, code_dir, optimizer="muon", max_steps=6), resume=True)  # written with AdamW
+    with pytest.raises(CheckpointError, match="differs from this run's: patch_size=4 \\(this run: 8\\)"):
+        run_here(settings(run, code_dir, max_steps=6, model={"patch_size": 8}), resume=True)
+    (run / "checkpoints" / "step-0000004" / "sharded" / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match="cannot be loaded .*No such file"):
+        run_here(settings(run, code_dir, max_steps=6), resume=True)
+
+
+def test_a_lora_fine_tune_refuses_fsdp():
+    from bytelm.finetune import FinetuneConfig
+
+    with pytest.raises(bytelm.ConfigError, match="LoRA fine-tune runs under --parallel ddp"):
+        FinetuneConfig.flat(base="some/model", parallel="fsdp")

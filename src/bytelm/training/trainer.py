@@ -205,10 +205,16 @@ class Trainer:
 
     def load_weights(self, ckpt: Path) -> None:
         saved = load_model(ckpt)
-        if saved.config != self.model_config:
-            raise CheckpointError(f"--resume: the checkpoint's model config differs from this run's: "
-                                  f"{saved.config} vs {self.model_config}")
+        self.check_model_config(saved.config)
         self.model.load_state_dict(saved.state_dict())
+
+    def check_model_config(self, saved) -> None:
+        """A checkpoint's model config must be this run's: the fields that differ, named, if not."""
+        if saved != self.model_config:
+            ours = self.model_config.to_dict()
+            diff = [f"{k}={v!r} (this run: {ours.get(k)!r})" for k, v in saved.to_dict().items() if ours.get(k) != v]
+            raise CheckpointError(f"--resume: the checkpoint's model config differs from this run's: "
+                                  f"{', '.join(diff) or f'{saved} vs {self.model_config}'}")
 
     def before_training(self) -> None:
         """Called once per run() before its first step (a fine-tune scores its base here)."""
@@ -334,10 +340,7 @@ class Trainer:
                      f"--batch-size x --grad-accum x processes at {state['global_batch']} to resume exactly")
 
     def _load_sharded(self, ckpt: Path, state: dict[str, Any]) -> None:
-        saved = read_config(ckpt)
-        if saved != self.model_config:
-            raise CheckpointError(f"--resume: the checkpoint's model config differs from this run's: {saved} vs "
-                                  f"{self.model_config}")
+        self.check_model_config(read_config(ckpt))
         load_sharded(ckpt, self.model, self.optimizer)
         self._load_sampler(ckpt, state)
 
