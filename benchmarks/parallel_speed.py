@@ -62,7 +62,9 @@ def worker(args) -> None:
         out = {name: {"step_s": statistics.median(t), "bytes": state_bytes(trainers[name])}
                for name, t in times.items()}
         Path(args.json).write_text(json.dumps(out))
-    next(iter(trainers.values())).env.close()
+    for trainer in trainers.values():  # what holds the process group, dropped before it is (Trainer.close)
+        trainer.forward = trainer.eager_forward = trainer.model = trainer.optimizer = None
+    next(iter(trainers.values())).close()
 
 
 def main() -> None:

@@ -1,4 +1,7 @@
+import os
 import shutil
+import signal
+import subprocess
 import sysconfig
 from pathlib import Path
 
@@ -96,3 +99,17 @@ def code_dir(tmp_path_factory) -> Path:
     for pkg in ("json", "email"):
         shutil.copytree(stdlib / pkg, root / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return root
+
+
+def run_group(cmd: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`subprocess.run` for a command that starts processes of its own (torchrun and its ranks): in a session of its
+    own, the whole process group killed if it outlives `timeout` (a rank stuck in a collective is not left behind)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n[killed after {timeout:.0f} s]"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -41,7 +41,7 @@ def main(jobs: list[dict]) -> None:
                     print(f"{name}: {type(opt).__name__}", flush=True)
             trainer.run()
     if trainer is not None:
-        trainer.env.close()
+        trainer.close()
 
 
 if __name__ == "__main__":

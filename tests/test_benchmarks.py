@@ -214,9 +214,13 @@ def test_patching_benchmark_trains_every_rule_and_measures_their_speed(tmp_path)
     p = patching.main(["--suite", "smoke", "--corpus", pydoc_data.topics.__file__, "--seconds", "0.5",
                        "--seeds", "0", "1", "--save", str(models), "--out", str(out)])
     assert set(p["results"]) == set(patching.VARIANTS)
-    for name, r in p["results"].items():
+    for r in p["results"].values():
         assert len(r["val_bpb_per_seed"]) == 2 and 0 < r["val_bpb"] < 10
-        assert 1 <= r["mean_patch"] <= 8 and (r["mean_patch"] == 8) == (name == "fixed P=8")
+        assert 1 <= r["mean_patch"] <= 8
+    # the fixed rules and the space rule cut where they must; the entropy rule's cuts need a trained entropy model,
+    # which half a second of training may not give (its entropies are then equal to float noise: no cut but P's)
+    assert [p["results"][n]["mean_patch"] for n in ("fixed P=8", "fixed P=4")] == [8, 4]
+    assert p["results"]["space (P<=8)"]["mean_patch"] < 8
     speed = patching.main(["--suite", "smoke", "--corpus", p["corpus"], "--speed", str(models), "--out", str(out),
                             "--requests-per-client", "1"])
     for r in speed["results"].values():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_group
 
 import bytelm
 from bytelm import CheckpointError
@@ -55,7 +56,7 @@ def torchrun(args: list[str], port: int, **kw) -> subprocess.Popen | subprocess.
     if kw.pop("background", False):
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, env=ENV)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
@@ -198,7 +199,7 @@ def test_a_two_rank_checkpoint_resumes_on_four(runs, code_dir, tmp_path):
     job = [{"settings": settings(run, code_dir, batch_size=1), "resume": True}]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", "29634",
            str(HERE / "fsdp_worker.py"), json.dumps(job)]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    done = run_group(cmd, env=ENV)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "written by 2 processes" in done.stdout
     assert gap(runs["one_adamw"], run) < TOL

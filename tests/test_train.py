@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_group
 
 import bytelm
 from bytelm import CheckpointError
@@ -191,9 +192,9 @@ def test_ddp_two_processes_match_one(tmp_path, code_dir):
     single = subprocess.run([sys.executable, "-m", "bytelm.cli", "train", *common, "--batch-size", "4",
                              "--out-dir", str(tmp_path / "single")], capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29517", "-m", "bytelm.cli", "train", *common, "--batch-size", "2",
-                          "--out-dir", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300)
+    ddp = run_group([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                     "29517", "-m", "bytelm.cli", "train", *common, "--batch-size", "2",
+                     "--out-dir", str(tmp_path / "ddp")], env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "global batch 2x1x2 windows" in ddp.stdout
     a, b = bytelm.load(tmp_path / "single"), bytelm.load(tmp_path / "ddp")

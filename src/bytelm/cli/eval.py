@@ -11,7 +11,6 @@ from typing import Literal
 
 from ..errors import ConfigError, UsageError
 from ..io import read_json_object
-from ..training.config import DataSection, TrainConfig
 from .models import ModelArg, load
 from .options import parse
 
@@ -45,8 +44,11 @@ class EvalArgs:
     json: bool = False  # print the result as JSON
 
 
-def _run_data_settings(model_path: Path) -> DataSection:
-    """The data settings of the run a model came from, when it came from one (so eval uses the same split)."""
+def _run_data_settings(model_path: Path):
+    """The data settings of the run a model came from, when it came from one (so eval uses the same split): a
+    bytelm.training.config.DataSection (imported here: `bytelm eval --help` must not import the training layer)."""
+    from ..training.config import DataSection, TrainConfig
+
     for candidate in (model_path / "run.json", model_path.parent.parent / "run.json"):
         if candidate.is_file():
             settings = read_json_object(candidate, UsageError).get("train", {})

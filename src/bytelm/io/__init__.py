@@ -11,6 +11,7 @@ from .folders import (
     CONFIG_NAME,
     FLOAT_DTYPES,
     MODEL_FILES,
+    SHARDED_DIR,
     WEIGHTS_NAME,
     checkpoint_steps,
     header_problems,
@@ -31,8 +32,9 @@ from .folders import (
 
 __all__ = [
     "ADAPTER_CONFIG_NAME", "ADAPTER_FILES", "ADAPTER_INFO_NAME", "ADAPTER_WEIGHTS_NAME", "CARD_NAME", "CONFIG_NAME",
-    "FLOAT_DTYPES", "MODEL_FILES", "WEIGHTS_NAME", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-    "checkpoint_steps", "fsync_dir", "fsync_file", "finish_folder", "header_problems", "latest_checkpoint",
+    "FLOAT_DTYPES", "MODEL_FILES", "SHARDED_DIR", "WEIGHTS_NAME", "atomic_write", "atomic_write_bytes",
+    "atomic_write_text", "checkpoint_steps", "fsync_dir", "fsync_file", "finish_folder", "header_problems",
+    "latest_checkpoint",
     "load_state_strict", "model_folder", "read_adapter_folder", "read_json_object", "read_model_config",
     "read_weights", "read_weights_header", "recorded_base", "resolve_local", "state_problems", "write_model_config",
     "write_model_files",

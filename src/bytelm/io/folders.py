@@ -141,8 +141,11 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+SHARDED_DIR = "sharded"  # a --parallel fsdp checkpoint's shards (bytelm.training.sharded)
+
+
 def _missing(path: Path) -> CheckpointError:
-    if path.name == WEIGHTS_NAME and (path.parent / "sharded").is_dir():  # a --parallel fsdp run's checkpoint
+    if path.name == WEIGHTS_NAME and (path.parent / SHARDED_DIR).is_dir():  # a --parallel fsdp run's checkpoint
         return CheckpointError(f"{path.parent} holds sharded weights only (a --parallel fsdp run with "
                                f"--no-consolidate): `bytelm consolidate {path.parent}` writes its {path.name}")
     return CheckpointError(f"{path.parent} has no {path.name}")

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import CheckpointError
 from ..io import (
+    SHARDED_DIR,
     atomic_write_text,
     checkpoint_steps,
     finish_folder,
@@ -104,8 +105,10 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     return final
 
 
-def os_reason(e: Exception) -> str:
+def os_reason(e: BaseException) -> str:
     """What went wrong in a failed write, as the system says it ("No space left on device")."""
+    if isinstance(e, CheckpointException) and e.failures:  # DCP: every failed rank's (exception, traceback)
+        e = next(iter(e.failures.values()))[0]
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     m = re.search(r"os error (\d+)", str(e))
@@ -133,7 +136,7 @@ def read_checkpoint(run_dir: Path) -> tuple[Path, dict[str, torch.Tensor] | None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None
-    tensors = None if (ckpt / "sharded").is_dir() else read_weights(ckpt / OPTIMIZER_NAME)
+    tensors = None if (ckpt / SHARDED_DIR).is_dir() else read_weights(ckpt / OPTIMIZER_NAME)
     return ckpt, tensors, read_json_object(ckpt / STATE_NAME)
 
 

@@ -108,7 +108,7 @@ def shard_model(model: torch.nn.Module, env: ParallelEnv, local_prefixes: tuple[
     MixedPrecisionPolicy that gathers and computes in bf16 and reduces gradients in fp32 (the sharded parameters and
     optimizer state stay fp32). One rank: nothing to shard, the model is left as it is (its checkpoints are still
     sharded-format, so a 1-rank run resumes on N and back)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Block)]
     if compile_blocks:
@@ -122,15 +122,9 @@ def shard_model(model: torch.nn.Module, env: ParallelEnv, local_prefixes: tuple[
         if fsdp_local == "root" and local_prefixes and name.startswith(local_prefixes):
             continue
         fully_shard(block, mp_policy=mp)
+    # FSDP2 gathers a unit's parameters in a hook on its forward: every call the trainer makes goes through the
+    # root's __call__ (`loss` too), never a decoding entry point (a sample is generated from a gathered copy)
     fully_shard(model, mp_policy=mp)
-    # every entry point the trainer calls on the model must gather the root's parameters first; `loss` calls
-    # `forward` through __call__ (hooked), the cached decoding entry points are not used while training
-    register_fsdp_forward_method(model, "loss")
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP2 sharded `model`'s parameters (they are DTensors)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

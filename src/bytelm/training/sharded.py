@@ -29,11 +29,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import CheckpointError
-from ..io import latest_checkpoint, write_model_files
+from ..io import SHARDED_DIR, latest_checkpoint, write_model_files
 from ..models import build, read_config, write_card
 from .optim import MuonAdamW
-
-SHARDED_DIR = "sharded"
 
 
 def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
@@ -86,21 +84,6 @@ def load_sharded_model(folder: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(state["model"])
 
 
-@contextlib.contextmanager
-def _one_process_quietly():
-    """DCP warns that it assumes one process whenever there is no process group: here that is the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def _reason(e: BaseException) -> str:
-    """The first line of what went wrong; DCP wraps each rank's failure in one CheckpointException."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]  # (exception, its traceback)
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     """Write the whole model of a sharded checkpoint (a checkpoint folder, or a run folder: its latest) as a model
     folder: into the checkpoint itself (model.safetensors + README.md beside its config.json), or into `out`."""
@@ -121,3 +104,18 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     write_card(target, config, model.num_params(), name=folder.parent.parent.name)
     write_model_files(target, model.state_dict(), config.to_dict())
     return target
+
+
+@contextlib.contextmanager
+def _one_process_quietly():
+    """DCP warns that it assumes one process whenever there is no process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of what went wrong; DCP wraps each rank's failure in one CheckpointException."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]  # (exception, its traceback)
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import math
 import sys
@@ -225,6 +226,16 @@ class Trainer:
         if self.last_val is not None:
             info.update(step=self.last_val[0], val_bpb=self.last_val[1] / LN2)
         return info
+
+    def close(self) -> None:
+        """Release the process group, after dropping what holds it. The DDP wrapper's reducer must not be the last
+        holder of the gloo group: its destructor joins gloo's threads while holding the GIL, and a thread that needs
+        the GIL deadlocks it (seen at the end of 2-process runs, one in three; py-spy: ~ProcessGroupGloo joining a
+        thread blocked in decref). A sharded model and its optimizer state hold the group too (through their device
+        mesh): dropped as well, so the trainer is done with after this."""
+        self.forward = self.eager_forward = self.model = self.optimizer = None
+        gc.collect()
+        self.env.close()
 
     def whole_model(self) -> ByteLM | None:
         """The trained model, whole, on rank 0 (None on the others): a sharded one gathered into an unsharded copy
@@ -574,4 +585,4 @@ def train(cfg: RunConfig, resume: bool = False, log=log_line, trainer_class: typ
                 log("--- sample ---\n" + sample_text(model, cfg.sample_prompt, n, cfg.seed) + "\n--------------")
         return result
     finally:
-        trainer.env.close()
+        trainer.close()
