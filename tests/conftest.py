@@ -1,8 +1,10 @@
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -101,15 +103,39 @@ def code_dir(tmp_path_factory) -> Path:
     return root
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and every descendant: torchrun starts each rank in a session of its own,
+    out of reach of a kill of torchrun's group."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def run_group(cmd: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`subprocess.run` for a command that starts processes of its own (torchrun and its ranks): in a session of its
-    own, the whole process group killed if it outlives `timeout` (a rank stuck in a collective is not left behind)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err += f"\n[killed after {timeout:.0f} s]"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    own, it and every descendant killed if it outlives `timeout` (a rank stuck in a collective is not left behind).
+    Output goes through files, not pipes: a straggler holding a pipe open cannot block the read."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            err.write(f"\n[killed after {timeout:.0f} s]")
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())

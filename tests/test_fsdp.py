@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_group
+from conftest import kill_tree, run_group
 
 import bytelm
 from bytelm import CheckpointError
@@ -168,7 +167,7 @@ def test_kill_9_leaves_a_checkpoint_that_resumes_to_the_uninterrupted_run(code_d
                 break
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # torchrun and both ranks, at once
         proc.wait()
     step = int(latest.read_text().strip().split("-")[1])
     assert 3 <= step, proc.stdout.read()[-2000:]
