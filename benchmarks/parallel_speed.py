@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bytelm.training import TrainConfig, Trainer
-from bytelm.training.parallel import local
+from bytelm.training.memory import held_bytes
 
 from .common import RESULTS
 
@@ -34,11 +34,9 @@ VARIANTS = {"ddp": {"parallel": "ddp"}, "fsdp, local blocks sharded": {"parallel
 
 
 def state_bytes(trainer: Trainer) -> int:
-    """This rank's bytes of parameters, gradients (as the last step left them) and optimizer state."""
-    parts = getattr(trainer.optimizer, "parts", {"": trainer.optimizer}).values()
-    moments = sum(local(v).nbytes for opt in parts for st in opt.state.values() for v in st.values()
-                  if isinstance(v, torch.Tensor) and v.dim() > 0)
-    return sum(local(p).nbytes * 2 for p in trainer.model.parameters()) + moments
+    """This rank's bytes of parameters, gradients (one per parameter: a step leaves none held) and optimizer state."""
+    held = held_bytes(trainer.model, trainer.optimizer)
+    return 2 * held["params"] + held["optimizer"]
 
 
 def worker(args) -> None:

@@ -7,23 +7,15 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
 from bytelm.training import TrainConfig, Trainer
-from bytelm.training.parallel import local
+from bytelm.training.memory import held_bytes
 
 
 def state_bytes(trainer: Trainer) -> dict[str, int]:
     """This rank's bytes of parameters, gradients and optimizer state, after one forward, backward and step."""
-    x = trainer.sampler.next_batch()
-    trainer.forward(x, loss="mean").backward()
-    params = [p for p in trainer.model.parameters()]
-    grads = sum(local(p.grad).nbytes for p in params if p.grad is not None)
+    trainer.forward(trainer.sampler.next_batch(), loss="mean").backward()
     trainer.optimizer.step()
-    parts = getattr(trainer.optimizer, "parts", {"": trainer.optimizer}).values()
-    moments = sum(local(v).nbytes for opt in parts for st in opt.state.values() for v in st.values()
-                  if isinstance(v, torch.Tensor) and v.dim() > 0)
-    return {"params": sum(local(p).nbytes for p in params), "grads": grads, "optimizer": moments}
+    return held_bytes(trainer.model, trainer.optimizer)
 
 
 def main(jobs: list[dict]) -> None:

@@ -105,10 +105,17 @@ def write_checkpoint(root: Path, step: int, write_files: Callable[[Path], None],
     return final
 
 
+def first_failure(e: BaseException) -> BaseException:
+    """The exception itself, or for DCP's CheckpointException (which carries every failed rank's (exception,
+    traceback)) the first rank's."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e
+
+
 def os_reason(e: BaseException) -> str:
     """What went wrong in a failed write, as the system says it ("No space left on device")."""
-    if isinstance(e, CheckpointException) and e.failures:  # DCP: every failed rank's (exception, traceback)
-        e = next(iter(e.failures.values()))[0]
+    e = first_failure(e)
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     m = re.search(r"os error (\d+)", str(e))

@@ -21,12 +21,13 @@ import ctypes
 import math
 import sys
 
+import torch
 from torch import nn
 
 from ..models.memory import lora_shapes, skeleton, training_activations
 from ..nn import Block
 from .optim import in_blocks
-from .parallel import STRATEGIES
+from .parallel import STRATEGIES, local
 from .precision import uses_bf16
 
 # The peak of a training step over what its forward pass saves: the backward pass holds gradients of activations
@@ -190,5 +191,17 @@ def state_bytes(model_config, optimizer: str, strategy: str, world: int, precisi
     return {**parts, "total": sum(parts.values())}
 
 
-__all__ = ["ACTIVATION_FACTOR", "BF16_ACTIVATIONS", "STRATEGIES", "map_large_allocations", "shard_rows",
+def held_bytes(model: nn.Module, optimizer) -> dict[str, int]:
+    """What this rank holds, measured: bytes of `model`'s parameters, of their gradients (as they are now) and of
+    `optimizer`'s state tensors (both parts of a Muon + AdamW); a sharded tensor counts its local shard. What
+    `state_bytes` computes, on a built model."""
+    params = list(model.parameters())
+    parts = getattr(optimizer, "parts", {"": optimizer}).values()
+    moments = sum(local(v).nbytes for opt in parts for st in opt.state.values() for v in st.values()
+                  if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return {"params": sum(local(p).nbytes for p in params),
+            "grads": sum(local(p.grad).nbytes for p in params if p.grad is not None), "optimizer": moments}
+
+
+__all__ = ["ACTIVATION_FACTOR", "BF16_ACTIVATIONS", "STRATEGIES", "held_bytes", "map_large_allocations", "shard_rows",
            "state_bytes", "training_parts"]

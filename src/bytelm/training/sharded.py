@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..errors import CheckpointError
 from ..io import SHARDED_DIR, latest_checkpoint, write_model_files
 from ..models import build, read_config, write_card
+from .checkpointing import first_failure
 from .optim import MuonAdamW
 
 
@@ -115,7 +116,6 @@ def _one_process_quietly():
 
 
 def _reason(e: BaseException) -> str:
-    """The first line of what went wrong; DCP wraps each rank's failure in one CheckpointException."""
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]  # (exception, its traceback)
+    """The first line of what went wrong (on the first rank that failed)."""
+    e = first_failure(e)
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -290,7 +290,7 @@ class Trainer:
                                    f"(it is {self.cfg.optimizer.lr:g}).")
         state = {"step": self.step, "elapsed": self.elapsed, "bytes_seen": self.bytes_seen,
                  "sampler": self.sampler.state_dict(), "last_val": self.last_val, "processes": self.world,
-                 "global_batch": self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world,
+                 "global_batch": self.global_batch,
                  "bytelm_version": __version__}
         if self.fsdp:  # every rank writes its shards; rank 0 the whole model beside them
             full = full_model_state(self.model) if self.cfg.checkpointing.consolidate else None  # (collective)
@@ -344,7 +344,7 @@ class Trainer:
         processes = state.get("processes", self.world)
         moved = f", written by {processes} process{'es' if processes > 1 else ''}" if processes != self.world else ""
         self.log(f"resumed {self.out} at step {self.step} ({ckpt.name}{moved})")
-        windows = self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world
+        windows = self.global_batch
         if state.get("global_batch", windows) != windows:  # the sampler draws the global batch: it must stay
             self.log(f"warning: the global batch was {state['global_batch']} windows and is now {windows} "
                      f"(batch_size x grad_accum x processes): the run goes on, but not as it would have; keep "
@@ -400,7 +400,12 @@ class Trainer:
 
     @property
     def batch_bytes(self) -> int:
-        return self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world * self.seq_len
+        return self.global_batch * self.seq_len
+
+    @property
+    def global_batch(self) -> int:
+        """Windows an optimizer step takes over all processes (what the sampler draws: bytelm.data.WindowSampler)."""
+        return self.cfg.data.batch_size * self.cfg.data.grad_accum * self.world
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (nats/byte) on this process."""
